@@ -1,0 +1,46 @@
+"""Small Lightning callbacks: training throughput and the per-epoch history that metrics.json keeps."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+
+class Throughput(L.Callback):
+    """Logs training characters (predicted symbols) per second, averaged over each logging interval."""
+
+    def __init__(self) -> None:
+        self.tokens, self.start = 0, None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tokens += batch[1].numel() * trainer.world_size
+        if (trainer.global_step % trainer.log_every_n_steps == 0) and self.start is not None:
+            now = time.perf_counter()
+            pl_module.log("train/chars_per_sec", self.tokens / max(now - self.start, 1e-9))
+            self.tokens, self.start = 0, now
+
+
+class History(L.Callback):
+    """Keeps every epoch's logged metrics (train running and valid) as plain numbers for metrics.json."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                    if k.startswith(("train/", "valid/")) and not k.startswith(("train/step", "train/loss"))})
+        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        self.epochs.append(row)
+
+    def state_dict(self) -> dict:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epochs = list(state_dict.get("epochs", []))

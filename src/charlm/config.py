@@ -1,0 +1,44 @@
+"""Checks of a composed config, before any work starts: a bad value is one line naming key and range."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from charlm.errors import CharlmError
+
+
+def _int_at_least(low: int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"an integer >= {low}"
+
+
+def _number(test, text):
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and test(v)), text
+
+
+# key -> (test, allowed range in words). A key absent from the config is not checked.
+RULES = {
+    "data.seq_len": _int_at_least(1),
+    "data.batch_size": _int_at_least(1),
+    "data.eval_batch_size": _int_at_least(1),
+    "model.hidden_size": _int_at_least(1),
+    "model.num_layers": _int_at_least(1),
+    "model.dropout": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "model.init_range": _number(lambda v: v > 0, "a number > 0"),
+    "optimizer.lr": _number(lambda v: v > 0, "a number > 0"),
+    "trainer.max_epochs": _int_at_least(1),
+    "trainer.gradient_clip_val": _number(lambda v: v >= 0, "a number >= 0 (0 or null: no clipping)"),
+    "seed": _int_at_least(0),
+}
+CHOICES = {"data.level": ("char", "word")}
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise CharlmError for the first value outside its allowed range."""
+    for key, (test, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not test(value):
+            raise CharlmError(f"{key}={value!r} is out of range: it must be {allowed}")
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in choices:
+            raise CharlmError(f"{key}={value!r} is not allowed: it must be one of {', '.join(choices)}")

@@ -1,0 +1,138 @@
+"""The LightningModule: truncated BPTT with carried hidden states, token-weighted metrics, Hydra optimisers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric
+
+from charlm import metrics
+from charlm.model import LSTMLM, State, detach
+
+
+def _plain(cfg: Any) -> Any:
+    """Config objects become plain dicts, so checkpoints load without Hydra or pickled classes."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class ZarembaDecay:
+    """Zaremba's main.lua schedule as a LambdaLR factor: after each epoch e (1-based) with e > max_epoch
+    the learning rate is divided by `decay`, so the 0-based epoch E trains at lr / decay**max(0, E - max_epoch)."""
+
+    def __init__(self, max_epoch: int = 4, decay: float = 2.0):
+        self.max_epoch, self.decay = max_epoch, decay
+
+    def __call__(self, epoch: int) -> float:
+        return self.decay ** -max(0, epoch - self.max_epoch)
+
+
+class LanguageModel(L.LightningModule):
+    """The LSTM language model trained with truncated BPTT.
+
+    The training state is carried from window to window (detached at each step) and reset at each epoch;
+    validation and test carry their own state over the whole split, so neither disturbs the other.
+    """
+
+    def __init__(self, vocab: list[str], hidden_size: int = 200, num_layers: int = 2, dropout: float = 0.2,
+                 init_range: float = 0.1, optimizer: dict | None = None, scheduler: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters({"vocab": list(vocab), "hidden_size": hidden_size, "num_layers": num_layers,
+                                   "dropout": dropout, "init_range": init_range,
+                                   "optimizer": _plain(optimizer), "scheduler": _plain(scheduler)},
+                                  logger=False)
+        self.vocab = list(vocab)
+        self.net = LSTMLM(len(vocab), hidden_size, num_layers, dropout, init_range)
+        # ModuleDict keys may not shadow Module attributes such as .train, hence the suffix.
+        self.nll = torch.nn.ModuleDict({f"{s}_nll": MeanMetric().set_dtype(torch.float64) for s in ("train", "valid", "test")})
+        self.train_state: State | None = None
+        self.eval_state: State | None = None
+        self.best_valid_bpc = math.inf
+
+    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        return self.net(x, state)
+
+    def _nll(self, batch: tuple[torch.Tensor, torch.Tensor], state: State | None) -> tuple[torch.Tensor, State]:
+        x, y = batch
+        logits, state = self.net(x, state)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), state
+
+    # --- training -------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self.train_state = None
+        self.nll["train_nll"].reset()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, state = self._nll(batch, self.train_state)
+        self.train_state = detach(state)
+        self.nll["train_nll"].update(loss.detach(), batch[1].numel())
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/step_bpc", loss.detach() / math.log(2), prog_bar=True)
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm as the trainer asks, and log the norm the clipping measured anyway."""
+        if gradient_clip_val:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            self.log("train/grad_norm", norm)
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def _eval_step(self, split: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        loss, self.eval_state = self._nll(batch, self.eval_state)
+        self.nll[f"{split}_nll"].update(loss, batch[1].numel())
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_state = None
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("valid", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.nll["valid_nll"].reset()
+            return
+        if self.nll["train_nll"].update_called:  # the running train metrics of the epoch so far
+            self._log_split("train", reset=False)
+        bpc = self._log_split("valid")["bpc"]
+        self.best_valid_bpc = min(self.best_valid_bpc, bpc)
+        self.log("valid/best_bpc", self.best_valid_bpc)
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_state = None
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test")
+
+    def _log_split(self, split: str, reset: bool = True) -> dict[str, float]:
+        """Token-weighted NLL over the whole split (not a mean of batch means), and what derives from it."""
+        values = metrics.from_nll(float(self.nll[f"{split}_nll"].compute()))
+        if reset:
+            self.nll[f"{split}_nll"].reset()
+        self.log_dict({f"{split}/{k}": v for k, v in values.items()}, prog_bar=split == "valid")
+        return values
+
+    # --- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = hydra.utils.instantiate(self.hparams.optimizer, params=self.parameters())
+        if not self.hparams.scheduler:
+            return opt
+        cfg = dict(self.hparams.scheduler)
+        interval = cfg.pop("interval", "epoch")
+        if cfg.get("total_steps") == "auto":  # e.g. OneCycleLR over exactly this run's steps
+            cfg["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        sched = hydra.utils.instantiate(cfg, optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["charlm"] = {"vocab": self.vocab, "best_valid_bpc": self.best_valid_bpc}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best_valid_bpc = checkpoint.get("charlm", {}).get("best_valid_bpc", math.inf)

