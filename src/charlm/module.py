@@ -53,6 +53,7 @@ class LanguageModel(L.LightningModule):
         self.train_state: State | None = None
         self.eval_state: State | None = None
         self.best_valid_bpc = math.inf
+        self.results: dict[str, dict[str, float]] = {}  # the last full-precision metrics of each split
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         return self.net(x, state)
@@ -116,6 +117,7 @@ class LanguageModel(L.LightningModule):
         values = metrics.from_nll(float(self.nll[f"{split}_nll"].compute()))
         if reset:
             self.nll[f"{split}_nll"].reset()
+        self.results[split] = values
         self.log_dict({f"{split}/{k}": v for k, v in values.items()}, prog_bar=split == "valid")
         return values
 

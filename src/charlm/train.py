@@ -33,11 +33,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _split_metrics(metrics: dict, split: str) -> dict | None:
-    values = {k: float(metrics[f"{split}/{k}"]) for k in ("nll", "bpc", "ppl", "ppl56") if f"{split}/{k}" in metrics}
-    return values or None
-
-
 def fit(cfg: DictConfig) -> dict:
     """Train and test as `cfg` says; returns what metrics.json holds. Raises CharlmError on bad input."""
     config.check(cfg)
@@ -71,12 +66,11 @@ def fit(cfg: DictConfig) -> dict:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         if trainer.interrupted:
             raise KeyboardInterrupt
-        result.update(train=_split_metrics(trainer.callback_metrics, "train"),
-                      valid=_split_metrics(trainer.callback_metrics, "valid"))
+        result.update(train=model.results.get("train"), valid=model.results.get("valid"))
         if cfg.get("test", True):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-            result["test"] = _split_metrics(trainer.callback_metrics, "test")
+            result["test"] = model.results.get("test")
         result.update(status="completed",
                       best_valid_bpc=model.best_valid_bpc if math.isfinite(model.best_valid_bpc) else None,
                       epochs=trainer.current_epoch, steps=trainer.global_step)

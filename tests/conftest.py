@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny PTB-shaped data directory, the real PTB copy, and a `python train.py` runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TEXT = "the cat sat on the mat\nthe dog ate the cat\na cat and a dog sat\n"
+
+
+def write_tiny_ptb(path: Path, repeat: int = 40) -> Path:
+    """Character files in PTB's layout (symbols space separated, `_` between words) from a small text."""
+    from charlm.ptb import words_to_chars
+
+    path.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", repeat), ("valid", max(2, repeat // 8)), ("test", max(2, repeat // 8))):
+        (path / f"ptb.char.{split}.txt").write_text(words_to_chars(TINY_TEXT * n))
+    return path
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return write_tiny_ptb(tmp_path / "ptb")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    path = Path(os.environ.get("CHARLM_DATA_DIR", ROOT.parent / "shared" / "data" / "ptb"))
+    if not (path / "ptb.char.train.txt").is_file():
+        pytest.skip(f"the real PTB files are not in {path}; set CHARLM_DATA_DIR")
+    return path
+
+
+def run_train(*overrides: str, data_dir: Path | None = None, timeout: float = 300,
+              cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python train.py overrides...` in a subprocess, as a user would run it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if data_dir is not None:
+        env["CHARLM_DATA_DIR"] = str(data_dir)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+FAST = ("trainer.enable_progress_bar=false", "~callbacks.progress_bar", "trainer.enable_model_summary=false")
