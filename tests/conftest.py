@@ -15,11 +15,12 @@ TINY_TEXT = "the cat sat on the mat\nthe dog ate the cat\na cat and a dog sat\n"
 
 def write_tiny_ptb(path: Path, repeat: int = 40) -> Path:
     """Character files in PTB's layout (symbols space separated, `_` between words) from a small text."""
-    from charlm.ptb import words_to_chars
+    from charlm.ptb import md5sum, words_to_chars
 
     path.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", repeat), ("valid", max(2, repeat // 8)), ("test", max(2, repeat // 8))):
         (path / f"ptb.char.{split}.txt").write_text(words_to_chars(TINY_TEXT * n))
+    (path / "MD5SUMS").write_text("".join(f"{md5sum(f)}  {f.name}\n" for f in sorted(path.glob("ptb.*.txt"))))
     return path
 
 
@@ -36,10 +37,12 @@ def real_data() -> Path:
     return path
 
 
-def run_train(*overrides: str, data_dir: Path | None = None, timeout: float = 300,
-              cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_train(*overrides: str, data_dir: Path | None = None, timeout: float = 300, cwd: Path = ROOT,
+              pythonpath: Path | None = None) -> subprocess.CompletedProcess:
     """`python train.py overrides...` in a subprocess, as a user would run it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
     if data_dir is not None:
         env["CHARLM_DATA_DIR"] = str(data_dir)
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=cwd, env=env,

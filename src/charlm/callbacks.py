@@ -44,3 +44,18 @@ class History(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.epochs = list(state_dict.get("epochs", []))
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM: write last.ckpt before exiting and say how to resume."""
+
+    def __init__(self, path: str, resume_hint: str = "python train.py ...") -> None:
+        self.path, self.resume_hint = path, resume_hint
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+            print(f"\ninterrupted at step {trainer.global_step}; saved {self.path}\n"
+                  f"resume with: {self.resume_hint} ckpt_path={self.path}", flush=True)

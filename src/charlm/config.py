@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from charlm.errors import CharlmError
@@ -42,3 +46,32 @@ def check(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in choices:
             raise CharlmError(f"{key}={value!r} is not allowed: it must be one of {', '.join(choices)}")
+
+
+def check_writable(directory: str | Path, key: str) -> None:
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        probe = Path(directory) / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise CharlmError(f"cannot write the output directory {directory} ({e.strerror}); "
+                          f"set {key} to a writable place") from None
+
+
+class Preflight(Callback):
+    """Hydra callback: the output directory is checked before Hydra writes into it (Hydra's own failure
+    there is a traceback), and reported like every other bad input: one line, exit code 2."""
+
+    def _check(self, directory: str, key: str) -> None:
+        try:
+            check_writable(directory, key)
+        except CharlmError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from charlm import ptb
 from charlm.errors import CharlmError
@@ -77,14 +77,39 @@ class BPTTWindows(Dataset):
         return self.streams[:, start:end], self.streams[:, start + 1 : end + 1]
 
 
+class WindowLoader:
+    """Iterates the windows in order, each pass from the first, except the first pass after
+    `load_state_dict`: a checkpoint taken mid-epoch resumes at the next window (Lightning saves and
+    restores iterables that have `state_dict`)."""
+
+    def __init__(self, windows: BPTTWindows):
+        self.windows, self.position, self.resume_at = windows, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __iter__(self):
+        start, self.resume_at = self.resume_at, 0
+        for i in range(start, len(self.windows)):
+            self.position = i + 1
+            yield self.windows[i]
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_at = int(state["position"])
+
+
 class PTBDataModule(L.LightningDataModule):
     """PTB as batched BPTT windows, in order, never shuffled; the vocabulary comes from the training split."""
 
     def __init__(self, data_dir: str, level: str = "char", seq_len: int = 10, batch_size: int = 20,
-                 eval_batch_size: int = 10, download: bool = True, url: str = ptb.WORD_URL):
+                 eval_batch_size: int = 10, download: bool = True, url: str = ptb.WORD_URL, verify: bool = True):
         super().__init__()
         self.data_dir = Path(os.path.expanduser(str(data_dir)))
-        self.level, self.seq_len, self.url, self.download = level, seq_len, url, download
+        self.level, self.seq_len, self.url, self.download, self.verify = level, seq_len, url, download, verify
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.vocab: Vocab | None = None
         self.ids: dict[str, torch.Tensor] = {}
@@ -96,6 +121,8 @@ class PTBDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.ids:
             return
+        if self.verify:
+            ptb.verify(self.data_dir, self.level)
         tokens = {s: ptb.read_tokens(self.data_dir / ptb.filename(self.level, s)) for s in ptb.SPLITS}
         self.vocab = Vocab.from_tokens(tokens["train"])
         self.ids = {s: self.vocab.encode(t, where=str(self.data_dir / ptb.filename(self.level, s)))
@@ -111,15 +138,14 @@ class PTBDataModule(L.LightningDataModule):
         share = batch_size // world
         return slice(rank * share, (rank + 1) * share)
 
-    def _loader(self, split: str, batch_size: int) -> DataLoader:
-        windows = BPTTWindows(batchify(self.ids[split], batch_size), self.seq_len, self._rows(batch_size))
-        return DataLoader(windows, batch_size=None, shuffle=False)
+    def _loader(self, split: str, batch_size: int) -> WindowLoader:
+        return WindowLoader(BPTTWindows(batchify(self.ids[split], batch_size), self.seq_len, self._rows(batch_size)))
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> WindowLoader:
         return self._loader("train", self.batch_size)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> WindowLoader:
         return self._loader("valid", self.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> WindowLoader:
         return self._loader("test", self.eval_batch_size)

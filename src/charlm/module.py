@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 
 from charlm import metrics
+from charlm.errors import CharlmError
 from charlm.model import LSTMLM, State, detach
 
 
@@ -48,8 +49,9 @@ class LanguageModel(L.LightningModule):
                                   logger=False)
         self.vocab = list(vocab)
         self.net = LSTMLM(len(vocab), hidden_size, num_layers, dropout, init_range)
-        # ModuleDict keys may not shadow Module attributes such as .train, hence the suffix.
-        self.nll = torch.nn.ModuleDict({f"{s}_nll": MeanMetric().set_dtype(torch.float64) for s in ("train", "valid", "test")})
+        # ModuleDict keys may not shadow Module attributes such as .train, hence the suffix; no NaN
+        # check inside the metric (a host sync every step): divergence is caught in training_step.
+        self.nll = torch.nn.ModuleDict({f"{s}_nll": MeanMetric(nan_strategy="disable").set_dtype(torch.float64) for s in ("train", "valid", "test")})
         self.train_state: State | None = None
         self.eval_state: State | None = None
         self.best_valid_bpc = math.inf
@@ -64,12 +66,15 @@ class LanguageModel(L.LightningModule):
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), state
 
     # --- training -------------------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        self.train_state = None
-        self.nll["train_nll"].reset()
-
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if batch_idx == 0:  # a new epoch; a run resumed mid-epoch continues at batch_idx > 0 with its state
+            self.train_state = None
+            self.nll["train_nll"].reset()
         loss, state = self._nll(batch, self.train_state)
+        if not torch.isfinite(loss):
+            raise CharlmError(f"training diverged: the loss is {loss.item()} at step {self.global_step} "
+                              f"(epoch {self.current_epoch + 1}); lower optimizer.lr or the clipping threshold "
+                              f"and start again (best.ckpt holds the best weights so far)")
         self.train_state = detach(state)
         self.nll["train_nll"].update(loss.detach(), batch[1].numel())
         self.log("train/loss", loss, prog_bar=True)
@@ -134,7 +139,25 @@ class LanguageModel(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["charlm"] = {"vocab": self.vocab, "best_valid_bpc": self.best_valid_bpc}
+        """Besides what Lightning saves (weights, optimiser, scheduler, loop and data position), keep what
+        continuing exactly needs: the carried hidden state, the epoch's running NLL and the RNG states."""
+        train_nll = self.nll["train_nll"]
+        checkpoint["charlm"] = {
+            "vocab": self.vocab,
+            "best_valid_bpc": self.best_valid_bpc,
+            "train_state": self.train_state,
+            "train_nll": (train_nll.mean_value.clone(), train_nll.weight.clone()),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.best_valid_bpc = checkpoint.get("charlm", {}).get("best_valid_bpc", math.inf)
+        saved = checkpoint.get("charlm", {})
+        self.best_valid_bpc = saved.get("best_valid_bpc", math.inf)
+        if "train_state" in saved:
+            self.train_state = saved["train_state"]
+            self.nll["train_nll"].mean_value, self.nll["train_nll"].weight = saved["train_nll"]
+        if "rng" in saved:
+            torch.set_rng_state(saved["rng"]["torch"])
+            if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(saved["rng"]["cuda"])

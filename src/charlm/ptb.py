@@ -111,6 +111,25 @@ def ensure_files(data_dir: str | os.PathLike, level: str = "char", url: str = WO
     return data_dir
 
 
+def expected_md5(data_dir: Path) -> dict[str, str]:
+    """Checksums to hold the files to: the data directory's own MD5SUMS if it has one, else the published ones."""
+    sums = data_dir / "MD5SUMS"
+    if not sums.is_file():
+        return MD5
+    pairs = (line.split() for line in sums.read_text().splitlines() if line.strip())
+    return {name.lstrip("*"): digest for digest, name in pairs}
+
+
+def verify(data_dir: Path, level: str) -> None:
+    """A truncated, emptied or altered data file is an error before any training starts."""
+    sums = expected_md5(data_dir)
+    for split in SPLITS:
+        path = data_dir / filename(level, split)
+        if path.name in sums and path.is_file() and md5sum(path) != sums[path.name]:
+            raise CharlmError(f"{path} fails its checksum (MD5 {md5sum(path)}, expected {sums[path.name]}): it is "
+                              f"truncated or altered; delete it to download it again, or copy a good one there")
+
+
 def read_tokens(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import config
-from charlm.callbacks import History
+from charlm import checkpoint, config
+from charlm.callbacks import History, SaveOnInterrupt
 from charlm.errors import CharlmError
 from charlm.ptb import atomic_write
 
@@ -33,33 +37,48 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _resume_hint() -> str:
+    args = [a for a in sys.argv[1:] if not a.startswith("ckpt_path=")]
+    return shlex.join(["python", "train.py", *args])
+
+
 def fit(cfg: DictConfig) -> dict:
-    """Train and test as `cfg` says; returns what metrics.json holds. Raises CharlmError on bad input."""
-    config.check(cfg)
-    run_dir = Path(cfg.run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".write-test").touch()
-        (run_dir / ".write-test").unlink()
-    except OSError as e:
-        raise CharlmError(f"cannot write the run directory {run_dir} ({e.strerror}); "
-                          f"set hydra.run.dir to a writable place") from None
+    """Train and test as `cfg` says; returns what metrics.json holds. Raises CharlmError on bad input.
+
+    Everything that can be checked is checked before anything is written; once training starts,
+    metrics.json records the outcome, "failed" with the reason included.
+    """
     started = time.time()
-    result: dict = {"status": "running", "run_dir": str(run_dir)}
+    run_dir = Path(cfg.run_dir)
+    config.check(cfg)
+    config.check_writable(run_dir, "hydra.run.dir")
+    result: dict = {"status": "failed", "run_dir": str(run_dir)}
     history = History()
+    training = False
     try:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = hydra.utils.instantiate(cfg.data)
         datamodule.prepare_data()
         datamodule.setup("fit")
-        datamodule.vocab.save(run_dir / "vocab.json")
+        if cfg.get("ckpt_path"):
+            checkpoint.check_vocab(checkpoint.read(cfg.ckpt_path), datamodule.vocab.symbols, cfg.ckpt_path,
+                                   datamodule.data_dir)
         model = hydra.utils.instantiate(cfg.model, vocab=datamodule.vocab.symbols, optimizer=cfg.optimizer,
                                         scheduler=cfg.get("scheduler"), _recursive_=False)
-        callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [history]
+        ckpt_dir = run_dir / "checkpoints"
+        callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+        callbacks += [history, SaveOnInterrupt(str(ckpt_dir / "last.ckpt"), _resume_hint())]
+        every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps")
+        if every:  # a rolling step checkpoint (and last.ckpt) every N steps, for pre-emptible machines
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", every_n_train_steps=every,
+                                             save_last=True, save_top_k=1))
         loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                     plugins=[checkpoint.AtomicCheckpointIO()])
         hparams = OmegaConf.to_container(cfg, resolve=True)
         hparams = {k: hparams[k] for k in ("data", "model", "optimizer", "scheduler", "trainer", "seed") if k in hparams}
+        training = True
+        datamodule.vocab.save(run_dir / "vocab.json")
         for logger in trainer.loggers:
             logger.log_hyperparams(hparams, metrics={"valid/best_bpc": math.nan})
 
@@ -67,6 +86,7 @@ def fit(cfg: DictConfig) -> dict:
         if trainer.interrupted:
             raise KeyboardInterrupt
         result.update(train=model.results.get("train"), valid=model.results.get("valid"))
+        epochs = list(history.epochs)  # trainer.test(ckpt_path=best) restores callbacks to the best epoch
         if cfg.get("test", True):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
@@ -74,12 +94,16 @@ def fit(cfg: DictConfig) -> dict:
         result.update(status="completed",
                       best_valid_bpc=model.best_valid_bpc if math.isfinite(model.best_valid_bpc) else None,
                       epochs=trainer.current_epoch, steps=trainer.global_step)
+        history.epochs = epochs
     except BaseException as e:
-        result.update(status="failed", reason=str(e) or type(e).__name__)
+        interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))  # Lightning exits on Ctrl-C and SIGTERM
+        result.update(reason="interrupted (SIGINT or SIGTERM)" if interrupted else str(e) or type(e).__name__)
         raise
     finally:
-        result.update(wall_time_s=round(time.time() - started, 3), history=history.epochs)
-        write_metrics(run_dir, result)
+        # A run that failed before training leaves an existing metrics.json (an earlier run's) alone.
+        if training or not (run_dir / "metrics.json").exists():
+            result.update(wall_time_s=round(time.time() - started, 3), history=history.epochs)
+            write_metrics(run_dir, result)
     print(format_table(result))
     print(f"metrics: {run_dir / 'metrics.json'}")
     return result
@@ -92,3 +116,5 @@ def main(cfg: DictConfig) -> float | None:
     except CharlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:  # a SystemExit with no code, which would otherwise exit 0
+        sys.exit(128 + signal.SIGTERM)

@@ -1,0 +1,57 @@
+"""Checkpoints: written atomically, read with a clear error when missing, truncated or not charlm's."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from charlm.errors import CharlmError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Save to a temporary file in the same directory, fsync, then rename over the final name, so a kill
+    at any moment leaves either the previous checkpoint or the new one, never half of one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a charlm checkpoint on the CPU; any way it can be unusable is one CharlmError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CharlmError(f"checkpoint {path} does not exist; give the path of a .ckpt in a run's checkpoints/")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, random bytes, a pickle of something else...
+        raise CharlmError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated or not a "
+                          f"checkpoint: use another one (best.ckpt, last.ckpt or a step checkpoint)") from None
+    if not isinstance(ckpt, dict) or "charlm" not in ckpt or "state_dict" not in ckpt:
+        raise CharlmError(f"{path} is not a charlm checkpoint (no vocabulary in it); use one written by train.py")
+    return ckpt
+
+
+def check_vocab(ckpt: dict[str, Any], vocab: list[str], path: str | os.PathLike, data: str) -> None:
+    """A checkpoint only continues on the vocabulary it was trained on."""
+    saved = ckpt["charlm"]["vocab"]
+    if saved != list(vocab):
+        extra = [s for s in vocab if s not in saved][:5]
+        raise CharlmError(f"checkpoint {path} was trained on another vocabulary ({len(saved)} symbols) than "
+                          f"the data in {data} ({len(vocab)} symbols{', new: ' + repr(extra) if extra else ''}); "
+                          f"use the data it was trained on")
