@@ -12,7 +12,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import config
+from charlm import config, metrics
 from charlm.callbacks import History
 from charlm.errors import CharlmError
 from charlm.ptb import atomic_write
@@ -25,11 +25,10 @@ def write_metrics(run_dir: Path, result: dict) -> None:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'split':<6} {'nll':>8} {'bpc':>8} {'ppl':>8} {'ppl56':>10}"]
-    for split in SPLITS:
-        m = result.get(split)
-        if m:
-            lines.append(f"{split:<6} {m['nll']:8.4f} {m['bpc']:8.4f} {m['ppl']:8.3f} {m['ppl56']:10.3f}")
+    rows = {split: result[split] for split in SPLITS if result.get(split)}
+    names = list(next(iter(rows.values()), {}))
+    lines = [f"{'split':<6}" + "".join(f" {n:>10}" for n in names)]
+    lines += [f"{split:<6}" + "".join(f" {m[n]:10.4f}" for n in names) for split, m in rows.items()]
     return "\n".join(lines)
 
 
@@ -53,15 +52,18 @@ def fit(cfg: DictConfig) -> dict:
         datamodule.prepare_data()
         datamodule.setup("fit")
         datamodule.vocab.save(run_dir / "vocab.json")
+        result["level"] = datamodule.level
+        headline = metrics.HEADLINE[datamodule.level]  # bpc for characters, ppl for words
         model = hydra.utils.instantiate(cfg.model, vocab=datamodule.vocab.symbols, optimizer=cfg.optimizer,
-                                        scheduler=cfg.get("scheduler"), _recursive_=False)
+                                        scheduler=cfg.get("scheduler"), level=datamodule.level,
+                                        _recursive_=False)
         callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [history]
         loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
         trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         hparams = OmegaConf.to_container(cfg, resolve=True)
         hparams = {k: hparams[k] for k in ("data", "model", "optimizer", "scheduler", "trainer", "seed") if k in hparams}
         for logger in trainer.loggers:
-            logger.log_hyperparams(hparams, metrics={"valid/best_bpc": math.nan})
+            logger.log_hyperparams(hparams, metrics={f"valid/best_{headline}": math.nan})
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         if trainer.interrupted:
@@ -71,9 +73,8 @@ def fit(cfg: DictConfig) -> dict:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
             result["test"] = model.results.get("test")
-        result.update(status="completed",
-                      best_valid_bpc=model.best_valid_bpc if math.isfinite(model.best_valid_bpc) else None,
-                      epochs=trainer.current_epoch, steps=trainer.global_step)
+        result.update(status="completed", epochs=trainer.current_epoch, steps=trainer.global_step)
+        result[f"best_valid_{headline}"] = model.best_valid if math.isfinite(model.best_valid) else None
     except BaseException as e:
         result.update(status="failed", reason=str(e) or type(e).__name__)
         raise
@@ -88,7 +89,8 @@ def fit(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     """Entry point behind `python train.py`: a CharlmError becomes one line on stderr and exit code 2."""
     try:
-        return fit(cfg)["best_valid_bpc"]
+        result = fit(cfg)
+        return result[f"best_valid_{metrics.HEADLINE[result['level']]}"]
     except CharlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
