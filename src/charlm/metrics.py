@@ -10,7 +10,6 @@ import math
 
 # The course scored characters by the word-level perplexity they imply: 5.6 characters per PTB word.
 CHARS_PER_WORD = 5.6
-LEVELS = ("char", "text", "word")
 HEADLINE = {"char": "bpc", "text": "bpc", "word": "ppl"}  # the figure each level is judged by (lower is better)
 UNIT = {"char": "chars", "text": "chars", "word": "words"}  # what a symbol is, for throughput names
 
