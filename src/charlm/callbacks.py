@@ -6,9 +6,11 @@ import time
 
 import lightning as L
 
+from charlm import metrics
+
 
 class Throughput(L.Callback):
-    """Logs training characters (predicted symbols) per second, averaged over each logging interval."""
+    """Logs predicted training symbols (chars or words) per second, averaged over each logging interval."""
 
     def __init__(self) -> None:
         self.tokens, self.start = 0, None
@@ -20,7 +22,8 @@ class Throughput(L.Callback):
         self.tokens += batch[1].numel() * trainer.world_size
         if (trainer.global_step % trainer.log_every_n_steps == 0) and self.start is not None:
             now = time.perf_counter()
-            pl_module.log("train/chars_per_sec", self.tokens / max(now - self.start, 1e-9))
+            unit = metrics.UNIT[pl_module.hparams.get("level", "char")]
+            pl_module.log(f"train/{unit}_per_sec", self.tokens / max(now - self.start, 1e-9))
             self.tokens, self.start = 0, now
 
 

@@ -47,11 +47,11 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def check_vocab(ckpt: dict[str, Any], vocab: list[str], path: str | os.PathLike, data: str) -> None:
+def check_vocab(ckpt: dict[str, Any], vocab: list[str], path: str | os.PathLike) -> None:
     """A checkpoint only continues on the vocabulary it was trained on."""
     saved = ckpt["charlm"]["vocab"]
     if saved != list(vocab):
         extra = [s for s in vocab if s not in saved][:5]
         raise CharlmError(f"checkpoint {path} was trained on another vocabulary ({len(saved)} symbols) than "
-                          f"the data in {data} ({len(vocab)} symbols{', new: ' + repr(extra) if extra else ''}); "
+                          f"the data given ({len(vocab)} symbols{', new: ' + repr(extra) if extra else ''}); "
                           f"use the data it was trained on")

@@ -24,6 +24,9 @@ RULES = {
     "data.seq_len": _int_at_least(1),
     "data.batch_size": _int_at_least(1),
     "data.eval_batch_size": _int_at_least(1),
+    "data.test_batch_size": _int_at_least(1),
+    "data.valid_fraction": _number(lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "data.test_fraction": _number(lambda v: 0 < v < 1, "a number in (0, 1)"),
     "model.hidden_size": _int_at_least(1),
     "model.num_layers": _int_at_least(1),
     "model.dropout": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -33,11 +36,14 @@ RULES = {
     "trainer.gradient_clip_val": _number(lambda v: v >= 0, "a number >= 0 (0 or null: no clipping)"),
     "seed": _int_at_least(0),
 }
-CHOICES = {"data.level": ("char", "word")}
+CHOICES = {"data.level": ("char", "word"), "data.unknown": ("unk", "error")}
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise CharlmError for the first value outside its allowed range."""
+    """Raise CharlmError for a required value left out, or the first value outside its allowed range."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise CharlmError(f"{missing[0]} is required: pass {missing[0]}=...")
     for key, (test, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not test(value):

@@ -1,4 +1,4 @@
-"""Vocabulary, the batched stream layout of truncated BPTT, and the LightningDataModule over PTB."""
+"""Vocabulary, the batched stream layout of truncated BPTT, and the LightningDataModules over PTB and any text."""
 
 from __future__ import annotations
 
@@ -102,31 +102,31 @@ class WindowLoader:
         self.resume_at = int(state["position"])
 
 
-class PTBDataModule(L.LightningDataModule):
-    """PTB as batched BPTT windows, in order, never shuffled; the vocabulary comes from the training split."""
+class StreamDataModule(L.LightningDataModule):
+    """Three token streams (train, valid, test) as batched BPTT windows, in order, never shuffled.
 
-    def __init__(self, data_dir: str, level: str = "char", seq_len: int = 10, batch_size: int = 20,
-                 eval_batch_size: int = 10, download: bool = True, url: str = ptb.WORD_URL, verify: bool = True):
+    The one loader of the project: subclasses only say how to read the streams (`load`). `level` names
+    the kind of symbol (charlm.metrics picks the figures that make sense for it). The test split may be
+    read with its own number of streams (`test_batch_size`; Zaremba's main.lua scores test as one stream).
+    """
+
+    level = "char"
+
+    def __init__(self, seq_len: int = 10, batch_size: int = 20, eval_batch_size: int = 10,
+                 test_batch_size: int | None = None):
         super().__init__()
-        self.data_dir = Path(os.path.expanduser(str(data_dir)))
-        self.level, self.seq_len, self.url, self.download, self.verify = level, seq_len, url, download, verify
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.seq_len, self.batch_size, self.eval_batch_size = seq_len, batch_size, eval_batch_size
+        self.test_batch_size = test_batch_size or eval_batch_size
         self.vocab: Vocab | None = None
         self.ids: dict[str, torch.Tensor] = {}
 
-    def prepare_data(self) -> None:
-        if self.download:
-            ptb.ensure_files(self.data_dir, self.level, self.url)
+    def load(self) -> tuple[Vocab, dict[str, torch.Tensor]]:
+        """The vocabulary and the id stream of each split in SPLITS."""
+        raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        if self.ids:
-            return
-        if self.verify:
-            ptb.verify(self.data_dir, self.level)
-        tokens = {s: ptb.read_tokens(self.data_dir / ptb.filename(self.level, s)) for s in ptb.SPLITS}
-        self.vocab = Vocab.from_tokens(tokens["train"])
-        self.ids = {s: self.vocab.encode(t, where=str(self.data_dir / ptb.filename(self.level, s)))
-                    for s, t in tokens.items()}
+        if not self.ids:
+            self.vocab, self.ids = self.load()
 
     def _rows(self, batch_size: int) -> slice:
         """This rank's contiguous share of the streams (all of them on one process)."""
@@ -148,4 +148,85 @@ class PTBDataModule(L.LightningDataModule):
         return self._loader("valid", self.eval_batch_size)
 
     def test_dataloader(self) -> WindowLoader:
-        return self._loader("test", self.eval_batch_size)
+        return self._loader("test", self.test_batch_size)
+
+
+class PTBDataModule(StreamDataModule):
+    """PTB at character or word level, read by the course's rule; the vocabulary comes from the training split."""
+
+    def __init__(self, data_dir: str, level: str = "char", seq_len: int = 10, batch_size: int = 20,
+                 eval_batch_size: int = 10, test_batch_size: int | None = None, download: bool = True,
+                 url: str = ptb.WORD_URL, verify: bool = True):
+        super().__init__(seq_len, batch_size, eval_batch_size, test_batch_size)
+        self.data_dir = Path(os.path.expanduser(str(data_dir)))
+        self.level, self.url, self.download, self.verify = level, url, download, verify
+
+    def prepare_data(self) -> None:
+        if self.download:
+            ptb.ensure_files(self.data_dir, self.level, self.url)
+
+    def load(self) -> tuple[Vocab, dict[str, torch.Tensor]]:
+        if self.verify:
+            ptb.verify(self.data_dir, self.level)
+        paths = {s: self.data_dir / ptb.filename(self.level, s) for s in ptb.SPLITS}
+        tokens = {s: ptb.read_tokens(path) for s, path in paths.items()}
+        vocab = Vocab.from_tokens(tokens["train"])
+        return vocab, {s: vocab.encode(t, where=str(paths[s])) for s, t in tokens.items()}
+
+
+class TextDataModule(StreamDataModule):
+    """Any UTF-8 text at character level: every character, spaces and newlines included, is a symbol.
+
+    The text is cut into three contiguous parts, train first, then valid, then test (the last
+    `valid_fraction` and `test_fraction` of its characters). The vocabulary is the training part's
+    characters in order of first appearance. A character of valid or test that training never saw is
+    handled by `unknown`: "unk" reads it as UNK, a symbol reserved at the end of the vocabulary (never
+    seen in training, so the model learns to give it little probability and the loss counts that);
+    "error" stops with the character and its offset in the file.
+    """
+
+    level = "text"
+    UNK = "<unk>"  # several characters long, so no character of any text can be it
+
+    def __init__(self, path: str, valid_fraction: float = 0.05, test_fraction: float = 0.05,
+                 unknown: str = "unk", seq_len: int = 100, batch_size: int = 20, eval_batch_size: int = 10,
+                 test_batch_size: int | None = None):
+        super().__init__(seq_len, batch_size, eval_batch_size, test_batch_size)
+        self.path = Path(os.path.expanduser(str(path)))
+        self.valid_fraction, self.test_fraction, self.unknown = valid_fraction, test_fraction, unknown
+
+    def read_text(self) -> str:
+        """The file's exact characters (no newline translation)."""
+        try:
+            return self.path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise CharlmError(f"data.path={self.path} does not exist; set data.path to a UTF-8 text file") from None
+        except UnicodeDecodeError as e:
+            raise CharlmError(f"data.path={self.path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              f"convert it to UTF-8") from None
+
+    def split(self, text: str) -> dict[str, tuple[int, str]]:
+        """Each split's offset in the text and its characters: train, valid, test, contiguous and in order."""
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise CharlmError(f"data.valid_fraction + data.test_fraction = "
+                              f"{self.valid_fraction + self.test_fraction} leaves no training text; "
+                              f"make their sum < 1")
+        n = len(text)
+        ends = {"train": round(n * (1 - self.valid_fraction - self.test_fraction)),
+                "valid": round(n * (1 - self.test_fraction)), "test": n}
+        starts = {"train": 0, "valid": ends["train"], "test": ends["valid"]}
+        return {s: (starts[s], text[starts[s]:ends[s]]) for s in ptb.SPLITS}
+
+    def load(self) -> tuple[Vocab, dict[str, torch.Tensor]]:
+        parts = self.split(self.read_text())
+        vocab = Vocab(list(dict.fromkeys(parts["train"][1])) + ([self.UNK] if self.unknown == "unk" else []))
+        ids = {}
+        for s, (offset, chars) in parts.items():
+            unseen = next((i for i, c in enumerate(chars) if c not in vocab.index), None)
+            if unseen is not None and self.unknown != "unk":
+                raise CharlmError(f"the {s} part of {self.path} holds {chars[unseen]!r} (character "
+                                  f"{offset + unseen} of the file) that the training part lacks; set "
+                                  f"data.unknown=unk to read such characters as {self.UNK}, or change "
+                                  f"data.valid_fraction/data.test_fraction")
+            ids[s] = vocab.encode([c if c in vocab.index else self.UNK for c in chars], where=f"{s} part")
+        return vocab, ids

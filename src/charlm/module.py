@@ -38,23 +38,29 @@ class LanguageModel(L.LightningModule):
 
     The training state is carried from window to window (detached at each step) and reset at each epoch;
     validation and test carry their own state over the whole split, so neither disturbs the other.
+    `level` is the data's kind of symbol: it picks the reported figures (charlm.metrics). With
+    `sum_over_time` the gradient is that of the NLL summed over a window's steps and averaged over the
+    batch, as in Zaremba's main.lua (seq_len times the per-symbol mean's, which is what is logged).
     """
 
     def __init__(self, vocab: list[str], hidden_size: int = 200, num_layers: int = 2, dropout: float = 0.2,
-                 init_range: float = 0.1, optimizer: dict | None = None, scheduler: dict | None = None):
+                 init_range: float = 0.1, optimizer: dict | None = None, scheduler: dict | None = None,
+                 level: str = "char", sum_over_time: bool = False):
         super().__init__()
         self.save_hyperparameters({"vocab": list(vocab), "hidden_size": hidden_size, "num_layers": num_layers,
                                    "dropout": dropout, "init_range": init_range,
-                                   "optimizer": _plain(optimizer), "scheduler": _plain(scheduler)},
+                                   "optimizer": _plain(optimizer), "scheduler": _plain(scheduler),
+                                   "level": level, "sum_over_time": sum_over_time},
                                   logger=False)
         self.vocab = list(vocab)
+        self.level, self.headline = level, metrics.HEADLINE[level]
         self.net = LSTMLM(len(vocab), hidden_size, num_layers, dropout, init_range)
         # ModuleDict keys may not shadow Module attributes such as .train, hence the suffix; no NaN
         # check inside the metric (a host sync every step): divergence is caught in training_step.
         self.nll = torch.nn.ModuleDict({f"{s}_nll": MeanMetric(nan_strategy="disable").set_dtype(torch.float64) for s in ("train", "valid", "test")})
         self.train_state: State | None = None
         self.eval_state: State | None = None
-        self.best_valid_bpc = math.inf
+        self.best_valid = math.inf  # of the headline figure
         self.results: dict[str, dict[str, float]] = {}  # the last full-precision metrics of each split
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
@@ -78,8 +84,9 @@ class LanguageModel(L.LightningModule):
         self.train_state = detach(state)
         self.nll["train_nll"].update(loss.detach(), batch[1].numel())
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/step_bpc", loss.detach() / math.log(2), prog_bar=True)
-        return loss
+        self.log_dict({f"train/step_{k}": v for k, v in metrics.per_step(loss.detach(), self.level).items()},
+                      prog_bar=True)
+        return loss * batch[1].size(1) if self.hparams.sum_over_time else loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm as the trainer asks, and log the norm the clipping measured anyway."""
@@ -104,9 +111,9 @@ class LanguageModel(L.LightningModule):
             return
         if self.nll["train_nll"].update_called:  # the running train metrics of the epoch so far
             self._log_split("train", reset=False)
-        bpc = self._log_split("valid")["bpc"]
-        self.best_valid_bpc = min(self.best_valid_bpc, bpc)
-        self.log("valid/best_bpc", self.best_valid_bpc)
+        value = self._log_split("valid")[self.headline]
+        self.best_valid = min(self.best_valid, value)
+        self.log(f"valid/best_{self.headline}", self.best_valid)
 
     def on_test_epoch_start(self) -> None:
         self.eval_state = None
@@ -119,7 +126,7 @@ class LanguageModel(L.LightningModule):
 
     def _log_split(self, split: str, reset: bool = True) -> dict[str, float]:
         """Token-weighted NLL over the whole split (not a mean of batch means), and what derives from it."""
-        values = metrics.from_nll(float(self.nll[f"{split}_nll"].compute()))
+        values = metrics.from_nll(float(self.nll[f"{split}_nll"].compute()), self.level)
         if reset:
             self.nll[f"{split}_nll"].reset()
         self.results[split] = values
@@ -144,7 +151,8 @@ class LanguageModel(L.LightningModule):
         train_nll = self.nll["train_nll"]
         checkpoint["charlm"] = {
             "vocab": self.vocab,
-            "best_valid_bpc": self.best_valid_bpc,
+            "level": self.level,
+            f"best_valid_{self.headline}": self.best_valid,
             "train_state": self.train_state,
             "train_nll": (train_nll.mean_value.clone(), train_nll.weight.clone()),
             "rng": {"torch": torch.get_rng_state(),
@@ -153,7 +161,7 @@ class LanguageModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("charlm", {})
-        self.best_valid_bpc = saved.get("best_valid_bpc", math.inf)
+        self.best_valid = saved.get(f"best_valid_{self.headline}", math.inf)
         if "train_state" in saved:
             self.train_state = saved["train_state"]
             self.nll["train_nll"].mean_value, self.nll["train_nll"].weight = saved["train_nll"]

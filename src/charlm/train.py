@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import checkpoint, config
+from charlm import checkpoint, config, metrics
 from charlm.callbacks import History, SaveOnInterrupt
 from charlm.errors import CharlmError
 from charlm.ptb import atomic_write
@@ -29,11 +29,10 @@ def write_metrics(run_dir: Path, result: dict) -> None:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'split':<6} {'nll':>8} {'bpc':>8} {'ppl':>8} {'ppl56':>10}"]
-    for split in SPLITS:
-        m = result.get(split)
-        if m:
-            lines.append(f"{split:<6} {m['nll']:8.4f} {m['bpc']:8.4f} {m['ppl']:8.3f} {m['ppl56']:10.3f}")
+    rows = {split: result[split] for split in SPLITS if result.get(split)}
+    names = list(next(iter(rows.values()), {}))
+    lines = [f"{'split':<6}" + "".join(f" {n:>10}" for n in names)]
+    lines += [f"{split:<6}" + "".join(f" {m[n]:10.4f}" for n in names) for split, m in rows.items()]
     return "\n".join(lines)
 
 
@@ -61,10 +60,12 @@ def fit(cfg: DictConfig) -> dict:
         datamodule.prepare_data()
         datamodule.setup("fit")
         if cfg.get("ckpt_path"):
-            checkpoint.check_vocab(checkpoint.read(cfg.ckpt_path), datamodule.vocab.symbols, cfg.ckpt_path,
-                                   datamodule.data_dir)
+            checkpoint.check_vocab(checkpoint.read(cfg.ckpt_path), datamodule.vocab.symbols, cfg.ckpt_path)
+        result["level"] = datamodule.level
+        headline = metrics.HEADLINE[datamodule.level]  # bpc for characters, ppl for words
         model = hydra.utils.instantiate(cfg.model, vocab=datamodule.vocab.symbols, optimizer=cfg.optimizer,
-                                        scheduler=cfg.get("scheduler"), _recursive_=False)
+                                        scheduler=cfg.get("scheduler"), level=datamodule.level,
+                                        _recursive_=False)
         ckpt_dir = run_dir / "checkpoints"
         callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
         callbacks += [history, SaveOnInterrupt(str(ckpt_dir / "last.ckpt"), _resume_hint())]
@@ -80,7 +81,7 @@ def fit(cfg: DictConfig) -> dict:
         training = True
         datamodule.vocab.save(run_dir / "vocab.json")
         for logger in trainer.loggers:
-            logger.log_hyperparams(hparams, metrics={"valid/best_bpc": math.nan})
+            logger.log_hyperparams(hparams, metrics={f"valid/best_{headline}": math.nan})
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         if trainer.interrupted:
@@ -91,9 +92,8 @@ def fit(cfg: DictConfig) -> dict:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
             result["test"] = model.results.get("test")
-        result.update(status="completed",
-                      best_valid_bpc=model.best_valid_bpc if math.isfinite(model.best_valid_bpc) else None,
-                      epochs=trainer.current_epoch, steps=trainer.global_step)
+        result.update(status="completed", epochs=trainer.current_epoch, steps=trainer.global_step)
+        result[f"best_valid_{headline}"] = model.best_valid if math.isfinite(model.best_valid) else None
         history.epochs = epochs
     except BaseException as e:
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))  # Lightning exits on Ctrl-C and SIGTERM
@@ -112,7 +112,8 @@ def fit(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     """Entry point behind `python train.py`: a CharlmError becomes one line on stderr and exit code 2."""
     try:
-        return fit(cfg)["best_valid_bpc"]
+        result = fit(cfg)
+        return result[f"best_valid_{metrics.HEADLINE[result['level']]}"]
     except CharlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
