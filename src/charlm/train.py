@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -10,14 +11,16 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import config
+from charlm import config, devices
 from charlm.callbacks import History
 from charlm.errors import CharlmError
 from charlm.ptb import atomic_write
 
 SPLITS = ("train", "valid", "test")
+log = logging.getLogger(__name__)
 
 
 def write_metrics(run_dir: Path, result: dict) -> None:
@@ -79,16 +82,32 @@ def fit(cfg: DictConfig) -> dict:
         raise
     finally:
         result.update(wall_time_s=round(time.time() - started, 3), history=history.epochs)
-        write_metrics(run_dir, result)
-    print(format_table(result))
-    print(f"metrics: {run_dir / 'metrics.json'}")
+        if rank_zero_only.rank == 0:  # DDP: every rank holds the same synced metrics; one writes them
+            write_metrics(run_dir, result)
+    if rank_zero_only.rank == 0:
+        print(format_table(result))
+        print(f"metrics: {run_dir / 'metrics.json'}")
     return result
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Entry point behind `python train.py`: a CharlmError becomes one line on stderr and exit code 2."""
+    """Entry point behind `python train.py`: a CharlmError becomes one line on stderr and exit code 2.
+
+    A job of a sweep (`-m`) must not exit or raise: Hydra's launchers would stop the sweep, and its report
+    would never be written. It records the failure in its metrics.json (status failed) and returns None.
+    """
     try:
-        return fit(cfg)["best_valid_bpc"]
-    except CharlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with devices.claim(cfg):
+            return fit(cfg)["best_valid_bpc"]
+    except Exception as e:
+        if not devices.in_sweep():
+            if isinstance(e, CharlmError):
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        log.error(f"job failed: {e}", exc_info=not isinstance(e, CharlmError))
+        metrics = Path(cfg.run_dir) / "metrics.json"
+        if not metrics.exists():  # it failed before fit wrote one: a bad value, no device
+            write_metrics(metrics.parent, {"status": "failed", "reason": str(e) or type(e).__name__,
+                                           "run_dir": str(metrics.parent)})
+        return None
