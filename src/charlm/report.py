@@ -81,7 +81,9 @@ def _label(job: dict, common: set[str]) -> str:
 def _fmt(x, digits: int = 4) -> str:
     if x is None:
         return ""
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) < 1e7 else f"{x:.4g}"
+    return str(x)
 
 
 def write_csv(jobs: list[dict], path: Path) -> None:
@@ -112,8 +114,8 @@ def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: P
     if failed:
         lines += ["", "Failed jobs:", ""]
         for j in failed:
-            reason = (j["row"]["reason"] or "").strip().splitlines() or [""]
-            lines.append(f"- job {_fmt(j['row']['job'])} ({_label(j, common)}): {reason[0]}")
+            reason = " ".join((j["row"]["reason"] or "").split())
+            lines.append(f"- job {_fmt(j['row']['job'])} ({_label(j, common)}): {reason[:300]}")
     lines += [""] + [f"![{p}]({p})" for p in plots]
     atomic_write(path, ("\n".join(lines) + "\n").encode())
 
