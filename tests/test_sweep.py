@@ -97,7 +97,8 @@ def test_report_command_rewrites_the_summary(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (sweep / "summary.csv").read_text() == before and (sweep / "valid_bpc.png").is_file()
     assert "| completed |" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "charlm.report", str(tmp_path / "nothing")], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "charlm.report", str(tmp_path / "nothing")],
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
 
 

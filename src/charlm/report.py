@@ -58,7 +58,8 @@ def load_job(job_dir: Path) -> dict:
         diverged = _diverged(m.get("best_valid_bpc"), job_dir / "vocab.json")
         if diverged:
             m.update(status="failed", reason=f"diverged: {diverged}")
-    device = json.loads((job_dir / "device.json").read_text()).get("device") if (job_dir / "device.json").is_file() else None
+    held = job_dir / "device.json"  # written by a job of hydra/launcher=parallel
+    device = json.loads(held.read_text()).get("device") if held.is_file() else None
     test = m.get("test") or {}
     row = {"job": num, "overrides": " ".join(overrides), "status": m.get("status"),
            "best_valid_bpc": m.get("best_valid_bpc"), "test_bpc": test.get("bpc"), "test_ppl56": test.get("ppl56"),
@@ -104,7 +105,8 @@ def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: P
         lines += ["", f"Command: `{sweep['command']}`"]
     if common:
         lines += ["", "Overrides of every job: " + " ".join(f"`{o}`" for o in sorted(common))]
-    lines += ["", "| job | overrides | status | best valid bpc | test bpc | test ppl56 | epochs | wall time (s) | device |",
+    lines += ["",
+              "| job | overrides | status | best valid bpc | test bpc | test ppl56 | epochs | wall time (s) | device |",
               "|---:|---|---|---:|---:|---:|---:|---:|---|"]
     for j in jobs:
         r = j["row"]

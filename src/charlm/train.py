@@ -23,6 +23,7 @@ SPLITS = ("train", "valid", "test")
 log = logging.getLogger(__name__)
 
 
+@rank_zero_only  # under DDP every rank holds the same synced metrics; one writes them
 def write_metrics(run_dir: Path, result: dict) -> None:
     atomic_write(run_dir / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
 
@@ -82,11 +83,9 @@ def fit(cfg: DictConfig) -> dict:
         raise
     finally:
         result.update(wall_time_s=round(time.time() - started, 3), history=history.epochs)
-        if rank_zero_only.rank == 0:  # DDP: every rank holds the same synced metrics; one writes them
-            write_metrics(run_dir, result)
-    if rank_zero_only.rank == 0:
-        print(format_table(result))
-        print(f"metrics: {run_dir / 'metrics.json'}")
+        write_metrics(run_dir, result)
+    print(format_table(result))
+    print(f"metrics: {run_dir / 'metrics.json'}")
     return result
 
 
@@ -100,14 +99,14 @@ def main(cfg: DictConfig) -> float | None:
         with devices.claim(cfg):
             return fit(cfg)["best_valid_bpc"]
     except Exception as e:
-        if not devices.in_sweep():
-            if isinstance(e, CharlmError):
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(2)
-            raise
-        log.error(f"job failed: {e}", exc_info=not isinstance(e, CharlmError))
-        metrics = Path(cfg.run_dir) / "metrics.json"
-        if not metrics.exists():  # it failed before fit wrote one: a bad value, no device
-            write_metrics(metrics.parent, {"status": "failed", "reason": str(e) or type(e).__name__,
-                                           "run_dir": str(metrics.parent)})
-        return None
+        if devices.in_sweep():
+            log.error(f"job failed: {e}", exc_info=not isinstance(e, CharlmError))
+            run_dir = Path(cfg.run_dir)
+            if not (run_dir / "metrics.json").exists():  # it failed before fit wrote one (a bad value)
+                write_metrics(run_dir, {"status": "failed", "reason": str(e) or type(e).__name__,
+                                        "run_dir": str(run_dir)})
+            return None
+        if isinstance(e, CharlmError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
