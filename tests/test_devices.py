@@ -8,10 +8,13 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from charlm import devices
+from charlm.errors import CharlmError
 from conftest import FAST, ROOT, run_train
 
 
@@ -106,3 +109,14 @@ def test_parallel_sweep_records_its_devices_and_never_shares_one(tiny_data, tmp_
         "no two jobs ever ran at the same time"
     summary = (sweep / "summary.csv").read_text()
     assert summary.count("completed") == 4 and summary.count("failed") == 2
+
+
+def test_job_is_pointed_at_its_device():
+    cfg = OmegaConf.create({"trainer": {"accelerator": "auto", "devices": 1}})
+    devices._use(cfg, "cpu1")
+    assert (cfg.trainer.accelerator, cfg.trainer.devices) == ("cpu", 1)
+    if torch.cuda.is_available():
+        devices._use(cfg, 0)
+        assert (cfg.trainer.accelerator, list(cfg.trainer.devices)) == ("gpu", [0])
+    with pytest.raises(CharlmError, match="CUDA devices; list ids in"):
+        devices._use(cfg, torch.cuda.device_count())  # one past the last GPU
