@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shlex
 import signal
@@ -13,17 +14,20 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import checkpoint, config, metrics
+from charlm import checkpoint, config, devices, metrics
 from charlm.callbacks import History, SaveOnInterrupt
 from charlm.errors import CharlmError
 from charlm.ptb import atomic_write
 
 SPLITS = ("train", "valid", "test")
+log = logging.getLogger(__name__)
 
 
+@rank_zero_only  # under DDP every rank holds the same synced metrics; one writes them
 def write_metrics(run_dir: Path, result: dict) -> None:
     atomic_write(run_dir / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
 
@@ -110,12 +114,26 @@ def fit(cfg: DictConfig) -> dict:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Entry point behind `python train.py`: a CharlmError becomes one line on stderr and exit code 2."""
+    """Entry point behind `python train.py`: a CharlmError becomes one line on stderr and exit code 2.
+
+    A job of a sweep (`-m`) must not exit or raise: Hydra's launchers would stop the sweep, and its report
+    would never be written. It records the failure in its metrics.json (status failed) and returns None.
+    """
     try:
-        result = fit(cfg)
+        with devices.claim(cfg):
+            result = fit(cfg)
         return result[f"best_valid_{metrics.HEADLINE[result['level']]}"]
-    except CharlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except SIGTERMException:  # a SystemExit with no code, which would otherwise exit 0
         sys.exit(128 + signal.SIGTERM)
+    except Exception as e:
+        if devices.in_sweep():
+            log.error(f"job failed: {e}", exc_info=not isinstance(e, CharlmError))
+            run_dir = Path(cfg.run_dir)
+            if not (run_dir / "metrics.json").exists():  # it failed before fit wrote one (a bad value)
+                write_metrics(run_dir, {"status": "failed", "reason": str(e) or type(e).__name__,
+                                        "run_dir": str(run_dir)})
+            return None
+        if isinstance(e, CharlmError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise

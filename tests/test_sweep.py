@@ -1,0 +1,155 @@
+"""Multiruns: one directory, TensorBoard run and metrics.json per job, the sweep's report, failed jobs, launchers."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import FAST, ROOT, run_train
+
+TINY = ("data.batch_size=4", "data.eval_batch_size=2", "model.hidden_size=16", *FAST)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def compose_hydra(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def read_summary(sweep):
+    with open(sweep / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_multirun_gives_every_job_its_own_run_and_writes_the_report(tiny_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", f"hydra.sweep.dir={sweep}", "data.seq_len=5,10", "model.dropout=0,0.3",
+                     "trainer.max_epochs=2", *TINY, data_dir=tiny_data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep.glob("*/.hydra"))
+    assert len(jobs) == 4
+    combos = set()
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["run_dir"] == str(job)
+        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        combos.add((cfg.data.seq_len, cfg.model.dropout))
+    assert combos == {(5, 0), (5, 0.3), (10, 0), (10, 0.3)}
+
+    rows = read_summary(sweep)
+    assert [int(r["job"]) for r in rows] == [0, 1, 2, 3]
+    for row in rows:
+        metrics = json.loads((Path(row["dir"]) / "metrics.json").read_text())
+        assert row["status"] == "completed"
+        assert float(row["best_valid_bpc"]) == pytest.approx(metrics["best_valid_bpc"], rel=1e-12)
+        assert float(row["test_bpc"]) == pytest.approx(metrics["test"]["bpc"], rel=1e-12)
+        assert float(row["test_ppl56"]) == pytest.approx(metrics["test"]["ppl56"], rel=1e-12)
+        assert int(row["epochs"]) == 2 and float(row["wall_time_s"]) == metrics["wall_time_s"]
+    md = (sweep / "summary.md").read_text()
+    assert md.count("| completed |") == 4 and "data.seq_len=10 model.dropout=0.3" in md
+    for png in ("valid_bpc.png", "learning_curves.png"):
+        assert (sweep / png).read_bytes()[:8] == PNG and f"({png})" in md
+    assert json.loads((sweep / "sweep.json").read_text())["wall_time_s"] > 0
+
+
+def test_failed_jobs_do_not_sink_the_sweep(tiny_data, tmp_path):
+    """A bad value (seq_len 0), a divergence (lr 1e30) and an exception inside Lightning (precision bogus)
+    each fail their own job only; the other jobs run and the report lists every job."""
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", f"hydra.sweep.dir={sweep}", "data.seq_len=0,5", "optimizer.lr=1,1e30",
+                     "trainer.precision=32-true,bogus", "trainer.max_epochs=1", *TINY, data_dir=tiny_data)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the exit status says a job failed
+    rows = {}
+    for r in read_summary(sweep):
+        o = dict(kv.split("=", 1) for kv in r["overrides"].split())
+        rows[int(o["data.seq_len"]), float(o["optimizer.lr"]), o["trainer.precision"]] = r
+    assert len(rows) == 8
+    ok = rows[5, 1, "32-true"]
+    assert ok["status"] == "completed" and math.isfinite(float(ok["best_valid_bpc"]))
+    diverged = rows[5, 1e30, "32-true"]
+    assert diverged["status"] == "failed" and diverged["reason"].startswith("diverged")
+    for (seq_len, lr, precision), row in rows.items():
+        if seq_len == 0:
+            assert row["status"] == "failed" and "data.seq_len=0 is out of range" in row["reason"]
+        elif precision == "bogus":
+            assert row["status"] == "failed" and "bogus" in row["reason"]
+    for job in sweep.glob("*/.hydra"):  # every job has a metrics.json saying how it ended
+        assert json.loads((job.parent / "metrics.json").read_text())["status"] in ("completed", "failed")
+    assert "1 completed, 7 failed" in (sweep / "summary.md").read_text()
+
+
+def test_report_command_rewrites_the_summary(tiny_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    assert run_train("-m", f"hydra.sweep.dir={sweep}", "data.seq_len=5,10", "trainer.max_epochs=1", *TINY,
+                     data_dir=tiny_data).returncode == 0
+    before = (sweep / "summary.csv").read_text()
+    (sweep / "summary.csv").unlink()
+    (sweep / "valid_bpc.png").unlink()
+    proc = subprocess.run([sys.executable, "-m", "charlm.report", str(sweep)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (sweep / "summary.csv").read_text() == before and (sweep / "valid_bpc.png").is_file()
+    assert "| completed |" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "charlm.report", str(tmp_path / "nothing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+
+
+def test_ddp_job_in_a_local_sweep_fails_clearly(tiny_data, tmp_path):
+    """Lightning would start DDP's second rank by re-running the command line, `-m` included."""
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", f"hydra.sweep.dir={sweep}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                     "data.seq_len=5,10", *TINY, data_dir=tiny_data)
+    assert proc.returncode == 1
+    rows = read_summary(sweep)
+    assert len(rows) == 2 and all("a sweep job runs on one device" in r["reason"] for r in rows)
+
+
+def test_experiment_is_the_reports_grid():
+    cfg = compose_hydra("experiment=seq_dropout_grid")
+    params = cfg.hydra.sweeper.params
+    assert [int(v) for v in params["data.seq_len"].split(",")] == [5, 10, 20, 50]
+    assert [float(v) for v in params["model.dropout"].split(",")] == [0, 0.2, 0.5]
+    assert cfg.trainer.max_epochs == 1 and cfg.data.batch_size == 20 and cfg.model.hidden_size == 200
+
+
+def test_slurm_launcher_asks_for_one_gpu_per_job(tmp_path, monkeypatch):
+    """Without SLURM: run the launcher up to sbatch and read the job-array script it would submit."""
+    import submitit.slurm.slurm as slurm
+
+    scripts = []
+
+    def submit(self, command):
+        scripts.append(self._make_submission_file_text(command, "uid"))
+        raise RuntimeError("not submitted")
+
+    monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # as if srun existed
+    monkeypatch.setattr(slurm.SlurmExecutor, "_submit_command", submit)
+    cfg = compose_hydra("hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}", "hydra.launcher.partition=gpu")
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    with pytest.raises(RuntimeError, match="not submitted"):
+        launcher.launch([["data.seq_len=5"], ["data.seq_len=50"]], initial_job_idx=0)
+    (script,) = scripts
+    for line in ("--gpus-per-node=1", "--ntasks-per-node=1", "--nodes=1", "--array=0-1%2", "--partition=gpu",
+                 "--time=240", f"--output={tmp_path}/.submitit/"):
+        assert f"#SBATCH {line}" in script
+    assert "srun" in script and "submitit.core._submit" in script
+
+
+def test_submitit_runs_a_sweep(tiny_data, tmp_path):
+    """The same submitit path as SLURM (pickled job, worker process, results), on this machine."""
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", "hydra/launcher=submitit_local", "hydra.launcher.gpus_per_node=0",
+                     f"hydra.sweep.dir={sweep}", "data.seq_len=0,5", "trainer.max_epochs=1", *TINY,
+                     data_dir=tiny_data, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    statuses = {r["overrides"].split()[0]: r["status"] for r in read_summary(sweep)}
+    assert statuses == {"data.seq_len=0": "failed", "data.seq_len=5": "completed"}
