@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,25 +11,18 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from charlm.errors import CharlmError
+from charlm.ptb import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Save to a temporary file in the same directory, fsync, then rename over the final name, so a kill
-    at any moment leaves either the previous checkpoint or the new one, never half of one."""
+    """Checkpoints go through `atomic_write`, so a kill at any moment leaves either the previous
+    checkpoint or the new one, never half of one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(path), buffer.getbuffer())
 
 
 def read(path: str | os.PathLike) -> dict[str, Any]:

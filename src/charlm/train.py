@@ -76,7 +76,7 @@ def fit(cfg: DictConfig) -> dict:
         every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps")
         if every:  # a rolling step checkpoint (and last.ckpt) every N steps, for pre-emptible machines
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", every_n_train_steps=every,
-                                             save_last=True, save_top_k=1))
+                                             save_last=True, save_top_k=1, enable_version_counter=False))
         loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
         trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                      plugins=[checkpoint.AtomicCheckpointIO()])
