@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -61,3 +63,12 @@ def test_tiny_model_overfits_a_tiny_text():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05 * math.log(5)
+
+
+def test_split_nll_is_weighted_by_symbols_not_a_mean_of_window_means():
+    from charlm.module import TokenNLL
+
+    metric = TokenNLL()
+    metric.update(torch.tensor(1.0), 30)  # a full window
+    metric.update(torch.tensor(2.0), 10)  # the last, shorter window
+    assert metric.compute().item() == pytest.approx(1.25)

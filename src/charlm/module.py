@@ -10,7 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
 from charlm import metrics
 from charlm.errors import CharlmError
@@ -31,6 +31,26 @@ class ZarembaDecay:
 
     def __call__(self, epoch: int) -> float:
         return self.decay ** -max(0, epoch - self.max_epoch)
+
+
+class TokenNLL(Metric):
+    """Mean NLL per predicted symbol over a whole split: each window's mean weighted by its symbols, summed
+    in float64, summed across ranks. (torchmetrics' MeanMetric either syncs the host every step for its NaN
+    check or, with nan_strategy="disable", silently drops the weights.)"""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, mean_nll: torch.Tensor, symbols: int) -> None:
+        self.total += mean_nll.detach().double() * symbols
+        self.count += symbols
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
 
 
 class LanguageModel(L.LightningModule):
@@ -57,7 +77,7 @@ class LanguageModel(L.LightningModule):
         self.net = LSTMLM(len(vocab), hidden_size, num_layers, dropout, init_range)
         # ModuleDict keys may not shadow Module attributes such as .train, hence the suffix; no NaN
         # check inside the metric (a host sync every step): divergence is caught in training_step.
-        self.nll = torch.nn.ModuleDict({f"{s}_nll": MeanMetric(nan_strategy="disable").set_dtype(torch.float64) for s in ("train", "valid", "test")})
+        self.nll = torch.nn.ModuleDict({f"{s}_nll": TokenNLL() for s in ("train", "valid", "test")})
         self.train_state: State | None = None
         self.eval_state: State | None = None
         self.best_valid = math.inf  # of the headline figure
@@ -154,7 +174,7 @@ class LanguageModel(L.LightningModule):
             "level": self.level,
             f"best_valid_{self.headline}": self.best_valid,
             "train_state": self.train_state,
-            "train_nll": (train_nll.mean_value.clone(), train_nll.weight.clone()),
+            "train_nll": (train_nll.total.clone(), train_nll.count.clone()),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
@@ -164,7 +184,7 @@ class LanguageModel(L.LightningModule):
         self.best_valid = saved.get(f"best_valid_{self.headline}", math.inf)
         if "train_state" in saved:
             self.train_state = saved["train_state"]
-            self.nll["train_nll"].mean_value, self.nll["train_nll"].weight = saved["train_nll"]
+            self.nll["train_nll"].total, self.nll["train_nll"].count = saved["train_nll"]
         if "rng" in saved:
             torch.set_rng_state(saved["rng"]["torch"])
             if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
