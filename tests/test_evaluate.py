@@ -274,7 +274,7 @@ def test_bad_checkpoint_in_a_subprocess_exits_2_without_traceback(bad_files):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-# --- the README's numbers on a real checkpoint (slow; CHARLM_CKPT=path) -------------------------------
+# --- the documented numbers on a real checkpoint (slow; CHARLM_CKPT=path) ------------------------------
 @pytest.mark.slow
 def test_query_on_the_whole_valid_split_matches_evaluate_and_is_fast(real_data, tmp_path):
     ckpt = os.environ.get("CHARLM_CKPT")
@@ -283,7 +283,18 @@ def test_query_on_the_whole_valid_split_matches_evaluate_and_is_fast(real_data, 
     symbols = ptb.read_tokens(real_data / "ptb.char.valid.txt")
     proc = tool("query", ckpt)
     assert proc.stdout.readline() == "OK GO\n"
-    start = time.perf_counter()
+    start = time.perf_counter()  # lock-step, as a grader asks: one line out, wait for its answer
+    lockstep = 5000
+    for symbol in symbols[:lockstep]:
+        proc.stdin.write(symbol + "\n")
+        proc.stdin.flush()
+        proc.stdout.readline()
+    lockstep_rate = lockstep / (time.perf_counter() - start)
+    proc.stdin.close()
+    proc.wait()
+    proc = tool("query", ckpt)
+    assert proc.stdout.readline() == "OK GO\n"
+    start = time.perf_counter()  # streamed: the whole split written into the pipe at once
     out, err = proc.communicate("\n".join(symbols) + "\n", timeout=1800)
     rate = len(symbols) / (time.perf_counter() - start)
     assert proc.returncode == 0, err
@@ -292,5 +303,6 @@ def test_query_on_the_whole_valid_split_matches_evaluate_and_is_fast(real_data, 
     nll = -sum(float(line.split(" ")[index[nxt]]) for line, nxt in zip(lines, symbols[1:])) / (len(symbols) - 1)
     assert evaluate.main([ckpt, "--data-dir", str(real_data), "--output", str(tmp_path / "e.json")]) == 0
     expected = json.loads((tmp_path / "e.json").read_text())["nll"]
-    print(f"\nquery: {len(symbols)} symbols at {rate:.0f} symbols/s; nll {nll:.6f} vs evaluate {expected:.6f}")
-    assert abs(nll - expected) < 1e-4 and rate >= 2000
+    print(f"\nquery: {len(symbols)} symbols streamed at {rate:.0f} symbols/s, {lockstep} in lock-step at "
+          f"{lockstep_rate:.0f} symbols/s; mean nll {nll:.6f}, evaluate --batch-size 1 {expected:.6f}")
+    assert abs(nll - expected) < 1e-4 and min(rate, lockstep_rate) >= 2000
