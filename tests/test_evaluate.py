@@ -237,6 +237,9 @@ def bad_files(trained, tmp_path_factory) -> Path:
     (bad / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 1}, bad / "other.ckpt")
     (bad / "text.ckpt").write_text("not a checkpoint\n")
+    ckpt = torch.load(trained.ckpt, weights_only=True)
+    ckpt["hyper_parameters"]["hidden_size"] += 1
+    torch.save(ckpt, bad / "mismatch.ckpt")
     (bad / "empty").mkdir()
     return bad
 
@@ -246,6 +249,7 @@ def bad_files(trained, tmp_path_factory) -> Path:
     (evaluate.main, ["{bad}/truncated.ckpt"], "is not a readable charlm checkpoint"),
     (query.main, ["{bad}/text.ckpt"], "is not a readable charlm checkpoint"),
     (sample.main, ["{bad}/other.ckpt"], "is not a charlm checkpoint"),
+    (sample.main, ["{bad}/mismatch.ckpt"], "weights do not fit the network"),
     (evaluate.main, ["{bad}"], "is a directory"),
     (sample.main, ["{ckpt}", "--prime", "The Cat QQ"], "lacks: 'T', 'C', 'Q'"),
     (evaluate.main, ["{ckpt}", "--split", "dev"], "argument --split: invalid choice: 'dev'"),

@@ -97,10 +97,10 @@ class Model:
         self.net = net
         self.vocab = vocab if isinstance(vocab, Vocab) else Vocab(list(vocab))
         self.level = level_of(self.vocab.symbols, level)
-        lstm = net.lstm
+        self._ids = torch.arange(len(self.vocab), device=self.device)[:, None]  # symbol i as a batch of 1
         # nn.LSTM costs ~0.5 ms per call on CPU whatever its length; one step through torch.lstm_cell
         # on the same weights is several times faster, which the query protocol needs.
-        self._ids = torch.arange(len(self.vocab), device=self.device)[:, None]  # symbol i as a batch of 1
+        lstm = net.lstm
         self._cells = None
         if isinstance(lstm, nn.LSTM) and lstm.bias and not lstm.proj_size and not lstm.bidirectional:
             self._cells = [tuple(getattr(lstm, f"{w}_l{k}") for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
@@ -265,10 +265,11 @@ def _read_checkpoint(path: Path) -> dict:
         # weights_only: the project's checkpoints hold tensors and plain values only, and loading one
         # must never run code that came with the file.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, pickled objects: all mean "not ours"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CharlmError(f"{path} is not a readable charlm checkpoint ({reason[:200]}); it may be truncated "
-                          f"or another program's file: use a .ckpt written by python train.py") from None
+    except Exception as e:  # a truncated zip, another format, pickled objects: the message says which
+        why = ("it holds pickled Python objects besides tensors and plain values" if "Weights only" in str(e)
+               else "it is truncated, or not a file that torch.save wrote")
+        raise CharlmError(f"{path} is not a readable charlm checkpoint: {why}; "
+                          f"use a .ckpt written by python train.py") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
             and isinstance(ckpt.get("hyper_parameters"), dict)
             and isinstance(ckpt.get("charlm", {}).get("vocab") or ckpt["hyper_parameters"].get("vocab"), list)):
