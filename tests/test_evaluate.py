@@ -149,6 +149,19 @@ def test_score_is_the_same_in_one_chunk_or_many_and_step_by_step(trained, monkey
     assert total / (len(symbols) - 1) == pytest.approx(whole, abs=1e-5)
 
 
+def test_steps_follow_weights_changed_in_place(trained):
+    net = LSTMLM(len(trained.model.vocab), hidden_size=8, num_layers=2)
+    model = api.Model(net, trained.model.vocab)
+    before, _ = model.next_logprobs(None, "t")
+    with torch.no_grad():
+        net.embed.weight.mul_(3)  # as an optimizer step does, between two validation samples
+    after, _ = model.next_logprobs(None, "t")
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, api.Model(net, trained.model.vocab).next_logprobs(None, "t")[0])
+    logits, _ = net.eval()(torch.tensor([[trained.model.vocab.index["t"]]]))
+    assert torch.allclose(after, torch.log_softmax(logits[0, -1], -1), atol=1e-6)
+
+
 def test_dynamic_evaluation_lowers_nll_on_a_repetitive_text(trained):
     model = trained.model
     text = "a mat ate the dog on a cat\n" * 30  # a sentence the training text never had, repeated
