@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
