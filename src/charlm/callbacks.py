@@ -1,12 +1,15 @@
-"""Small Lightning callbacks: training throughput and the per-epoch history that metrics.json keeps."""
+"""Small Lightning callbacks: training throughput, the per-epoch history that metrics.json keeps, and
+the per-epoch text sample in TensorBoard."""
 
 from __future__ import annotations
 
 import time
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from charlm import metrics
+from charlm.api import Model
 
 
 class Throughput(L.Callback):
@@ -62,3 +65,24 @@ class SaveOnInterrupt(L.Callback):
             trainer.save_checkpoint(self.path)
             print(f"\ninterrupted at step {trainer.global_step}; saved {self.path}\n"
                   f"resume with: {self.resume_hint} ckpt_path={self.path}", flush=True)
+
+
+class SampleText(L.Callback):
+    """After each validation epoch, logs a short sample of the model to TensorBoard's text tab.
+
+    It goes through the API's sampler with a fixed seed and its own generator, so samples from epoch to
+    epoch are comparable and training's random stream is not disturbed.
+    """
+
+    def __init__(self, prime: str = "", length: int = 200, temperature: float = 0.8, seed: int = 0) -> None:
+        self.prime, self.length, self.temperature, self.seed = prime, length, temperature, seed
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if trainer.sanity_checking or not trainer.is_global_zero or not loggers:
+            return
+        model = Model(pl_module.net, pl_module.vocab, pl_module.hparams.get("level"))
+        text = model.sample(self.prime, self.length, self.temperature, seed=self.seed)
+        markdown = "\n".join("    " + line for line in text.split("\n"))  # a code block keeps the text as is
+        for logger in loggers:
+            logger.experiment.add_text("valid/sample", markdown, trainer.global_step)

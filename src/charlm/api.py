@@ -1,0 +1,310 @@
+"""A trained checkpoint as a Python object: score text, query it symbol by symbol, sample from it.
+
+    import charlm
+    lm = charlm.load("outputs/runs/<time>/checkpoints/best.ckpt")
+    lm.score("the company said")            # {'nll': ..., 'bpc': ..., 'ppl': ..., 'ppl56': ..., 'symbols': ...}
+    logp, state = lm.next_logprobs(None, "t")  # log-probabilities of every vocabulary symbol, in vocab order
+    lm.sample("the company said", length=100, temperature=0.8, seed=1)
+
+The command-line tools `charlm.evaluate`, `charlm.query` and `charlm.sample` are thin wrappers of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from charlm import metrics
+from charlm.data import Vocab, batchify
+from charlm.errors import CharlmError
+from charlm.model import LSTMLM, State, detach
+from charlm.ptb import EOS, tokenize
+
+SPACE = "_"  # the character files' symbol between two words of a line
+CHUNK_VALUES = 1 << 22  # logits held at once while scoring (16 MiB of float32): bounds chunk length x batch x V
+MAX_CHUNK = 4096  # steps per fused LSTM call while scoring
+
+
+# --- symbols <-> text: the one place that decides how a level's symbols are split and joined ----------
+def level_of(symbols: Sequence[str], stored: str | None = None) -> str:
+    """`char` when every symbol but `<eos>` is one character, else `word` (unless the checkpoint says)."""
+    if stored:
+        return stored
+    return "char" if all(len(s) == 1 or s == EOS for s in symbols) else "word"
+
+
+def to_symbols(text: str, level: str) -> list[str]:
+    """Plain text -> symbols as the PTB files of `level` spell it.
+
+    Words are split on whitespace and a newline (or a literal `<eos>`) ends a line. At char level each
+    word becomes its characters with `_` between two words of a line, exactly as the character files
+    were derived from the word files.
+    """
+    if level == "word":
+        return tokenize(text)
+    symbols: list[str] = []
+    for i, line in enumerate(text.replace(EOS, "\n").split("\n")):
+        if i:
+            symbols.append(EOS)
+        for j, word in enumerate(line.split()):
+            if j:
+                symbols.append(SPACE)
+            symbols.extend(word)
+    return symbols
+
+
+def to_text(symbols: Sequence[str], level: str) -> str:
+    """Symbols -> plain text: `<eos>` becomes a newline; words are joined by spaces, characters by nothing."""
+    if level == "word":
+        lines, line = [], []
+        for s in symbols:
+            if s == EOS:
+                lines.append(" ".join(line))
+                line = []
+            else:
+                line.append(s)
+        return "\n".join(lines + [" ".join(line)])
+    return "".join("\n" if s == EOS else " " if s == SPACE else s for s in symbols)
+
+
+# --- dynamic evaluation -------------------------------------------------------------------------------
+@dataclass
+class Dynamic:
+    """Dynamic evaluation (Krause et al.): score a segment, then take one SGD step on its mean NLL.
+
+    `decay` pulls the adapted weights back towards the trained ones after each step (0: no pull).
+    The defaults were the best of a small grid on the first 30k valid symbols (docs/evaluation.md).
+    """
+
+    lr: float = 0.3
+    segment_len: int = 50
+    decay: float = 0.0
+
+
+# --- the model ---------------------------------------------------------------------------------------
+class Model:
+    """A trained network with its vocabulary; every method works in eval mode and leaves the weights as loaded."""
+
+    def __init__(self, net: LSTMLM, vocab: Vocab | Sequence[str], level: str | None = None):
+        self.net = net
+        self.vocab = vocab if isinstance(vocab, Vocab) else Vocab(list(vocab))
+        self.level = level_of(self.vocab.symbols, level)
+        self._ids = torch.arange(len(self.vocab), device=self.device)[:, None]  # symbol i as a batch of 1
+        # One query step is ~0.5 ms through nn.LSTM on CPU, whatever the length; the same weights through
+        # torch.lstm_cell, with layer 0's input gates looked up per symbol, take a third of that.
+        lstm = net.lstm
+        self._cells, self._table, self._table_key = None, None, None
+        if (isinstance(lstm, nn.LSTM) and isinstance(net.embed, nn.Embedding) and lstm.bias
+                and not lstm.proj_size and not lstm.bidirectional):
+            self._cells = [tuple(getattr(lstm, f"{w}_l{k}") for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                           for k in range(lstm.num_layers)]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    # symbols
+    def symbols(self, text: str | Sequence[str]) -> list[str]:
+        """Plain text -> this model's symbols (a list of symbols is taken as it is)."""
+        return to_symbols(text, self.level) if isinstance(text, str) else list(text)
+
+    def text(self, symbols: Sequence[str]) -> str:
+        return to_text(symbols, self.level)
+
+    def encode(self, text: str | Sequence[str], what: str = "the text") -> torch.Tensor:
+        """Text or symbols -> ids; symbols outside the vocabulary are an error that names all of them."""
+        symbols = self.symbols(text)
+        unknown = list(dict.fromkeys(s for s in symbols if s not in self.vocab.index))
+        if unknown:
+            shown = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            known = " ".join(self.vocab.symbols) if len(self.vocab) <= 60 else f"{len(self.vocab)} symbols"
+            raise CharlmError(f"{what} holds symbols the model's vocabulary lacks: {shown}; "
+                              f"use only the training symbols ({known})")
+        return torch.tensor([self.vocab.index[s] for s in symbols], dtype=torch.long)
+
+    @contextlib.contextmanager
+    def _eval(self) -> Iterator[None]:
+        """Eval mode (no dropout) for the duration, then back to training mode if the network was in it."""
+        was_training = self.net.training
+        if was_training:  # switching costs ~30 us, a tenth of a query step: only when needed
+            self.net.eval()
+        try:
+            yield
+        finally:
+            if was_training:
+                self.net.train()
+
+    # one symbol at a time
+    def _input_gates(self) -> torch.Tensor:
+        """(V, 4H): every symbol's embedding through layer 0's input weights, plus both biases, so a step
+        looks its row up instead of multiplying; rebuilt whenever one of those weights has changed."""
+        w_ih, w_hh, b_ih, b_hh = self._cells[0]
+        key = tuple((t.data_ptr(), t._version) for t in (self.net.embed.weight, w_ih, b_ih, b_hh))
+        if key != self._table_key:
+            with torch.no_grad():
+                self._table = torch.addmm(b_ih + b_hh, self.net.embed.weight, w_ih.t())
+            self._table_key = key
+        return self._table
+
+    def _step(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """ids (batch,) -> logits (batch, V) for the next symbol, and the new state."""
+        if self._cells is None:
+            logits, state = self.net(ids[:, None], state)
+            return logits[:, -1], state
+        if state is None:
+            zeros = torch.zeros(len(self._cells), ids.size(0), self.net.lstm.hidden_size, device=ids.device)
+            state = (zeros, zeros)
+        # layer 0 by hand (nn.LSTM's gate order i, f, g, o), the layers above through lstm_cell
+        i, f, g, o = torch.addmm(self._input_gates()[ids], state[0][0], self._cells[0][1].t()).chunk(4, 1)
+        c = torch.sigmoid(f) * state[1][0] + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        hs, cs = [h], [c]
+        for k in range(1, len(self._cells)):
+            h, c = torch.lstm_cell(h, (state[0][k], state[1][k]), *self._cells[k])
+            hs.append(h)
+            cs.append(c)
+        return self.net.decoder(h), (torch.stack(hs), torch.stack(cs))
+
+    def next_logprobs(self, state: State | None, symbol: str) -> tuple[torch.Tensor, State]:
+        """Read `symbol` after `state` (None: the start of a text); return the log-probabilities of every
+        vocabulary symbol for the next one, in vocabulary order, and the new state. The old state is kept."""
+        if symbol not in self.vocab.index:
+            raise CharlmError(f"unknown symbol {symbol!r}: not one of the model's {len(self.vocab)} symbols; "
+                              f"the state is unchanged")
+        with self._eval(), torch.no_grad():
+            logits, state = self._step(self._ids[self.vocab.index[symbol]], state)
+        return F.log_softmax(logits[0].float(), -1), state
+
+    # whole texts
+    def score(self, text: str | Sequence[str], batch_size: int = 1, dynamic: Dynamic | None = None) -> dict:
+        """Mean NLL over every predicted symbol of `text` (all but the first of each of `batch_size`
+        contiguous streams), the hidden state carried from start to end, accumulated in float64.
+        Returns metrics.from_nll's nll, bpc, ppl, ppl56, plus `symbols`, the number predicted."""
+        ids = self.encode(text)
+        if len(ids) < 2 * batch_size:
+            raise CharlmError(f"{len(ids)} symbols are too few to score at batch size {batch_size}: "
+                              f"each of the {batch_size} streams needs at least 2")
+        streams = batchify(ids, batch_size).to(self.device)
+        total, count = self._dynamic_nll(streams, dynamic) if dynamic else self._nll(streams)
+        return {**metrics.from_nll(total / count), "symbols": count}
+
+    def _nll(self, streams: torch.Tensor) -> tuple[float, int]:
+        """Sum of NLL over batched streams, one fused LSTM call per chunk of up to MAX_CHUNK steps."""
+        chunk = max(1, min(MAX_CHUNK, CHUNK_VALUES // (streams.size(0) * len(self.vocab))))
+        total = torch.zeros((), dtype=torch.float64, device=streams.device)
+        state = None
+        with self._eval(), torch.no_grad():
+            for start in range(0, streams.size(1) - 1, chunk):
+                x, y = streams[:, start : start + chunk], streams[:, start + 1 : start + chunk + 1]
+                logits, state = self.net(x[:, : y.size(1)], state)
+                logp = F.log_softmax(logits.float(), -1).gather(-1, y[..., None])
+                total -= logp.double().sum()
+        return float(total), streams[:, 1:].numel()
+
+    def _dynamic_nll(self, streams: torch.Tensor, dyn: Dynamic) -> tuple[float, int]:
+        """Score each segment with the weights adapted on all segments before it, then adapt on it."""
+        if not (dyn.lr > 0 and dyn.segment_len >= 1 and 0 <= dyn.decay < 1):
+            raise CharlmError(f"dynamic evaluation needs lr > 0, segment_len >= 1 and 0 <= decay < 1, got {dyn}")
+        net = copy.deepcopy(self.net).eval()  # adapt a copy: this model keeps its trained weights
+        trained = [p.detach().clone() for p in net.parameters()]
+        opt = torch.optim.SGD(net.parameters(), lr=dyn.lr)
+        total = torch.zeros((), dtype=torch.float64, device=streams.device)
+        state = None
+        for start in range(0, streams.size(1) - 1, dyn.segment_len):
+            x, y = streams[:, start : start + dyn.segment_len], streams[:, start + 1 : start + dyn.segment_len + 1]
+            logits, state = net(x[:, : y.size(1)], state)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+            total += nll.detach().double().sum()
+            opt.zero_grad(set_to_none=True)
+            nll.mean().backward()
+            opt.step()
+            if dyn.decay:
+                with torch.no_grad():
+                    for p, p0 in zip(net.parameters(), trained):
+                        p.lerp_(p0, dyn.decay)
+            state = detach(state)
+        return float(total), streams[:, 1:].numel()
+
+    def sample(self, prime: str | Sequence[str] = "", length: int = 200, temperature: float = 1.0,
+               greedy: bool = False, seed: int | None = None) -> str:
+        """The prime followed by `length` generated symbols, as text. Sampling draws from softmax(logits /
+        temperature) with its own generator (the global RNG is left alone); `greedy` takes the argmax.
+        An empty prime starts at the beginning of a line (after `<eos>`)."""
+        if length < 0 or not (greedy or temperature > 0):
+            raise CharlmError(f"length must be >= 0 and temperature > 0 (got {length}, {temperature}); "
+                              f"use greedy for the most likely continuation")
+        symbols = self.symbols(prime)
+        ids = self.encode(symbols, what="the prime")
+        if not len(ids):
+            if EOS not in self.vocab.index:
+                raise CharlmError("this vocabulary has no <eos> to start from; give a prime")
+            ids = torch.tensor([self.vocab.index[EOS]])
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        out: list[int] = []
+        with self._eval(), torch.no_grad():
+            logits, state = self.net(ids[None].to(self.device))
+            logits = logits[:, -1]
+            for i in range(length):
+                if greedy:
+                    nxt = int(logits[0].argmax())
+                else:
+                    probs = F.softmax(logits[0].float().cpu() / temperature, -1)
+                    nxt = int(torch.multinomial(probs, 1, generator=gen))
+                out.append(nxt)
+                if i + 1 < length:
+                    logits, state = self._step(torch.tensor([nxt], device=self.device), state)
+        return self.text(symbols + [self.vocab.symbols[i] for i in out])
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def _read_checkpoint(path: Path) -> dict:
+    if not path.exists():
+        raise CharlmError(f"checkpoint {path} does not exist; give a .ckpt file written by python train.py")
+    if path.is_dir():
+        hint = next((p for p in (path / "checkpoints" / "best.ckpt", path / "best.ckpt") if p.is_file()), None)
+        raise CharlmError(f"{path} is a directory; give a checkpoint file" + (f", e.g. {hint}" if hint else ""))
+    try:
+        # weights_only: the project's checkpoints hold tensors and plain values only, and loading one
+        # must never run code that came with the file.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, another format, pickled objects: the message says which
+        why = ("it holds pickled Python objects besides tensors and plain values" if "Weights only" in str(e)
+               else "it is truncated, or not a file that torch.save wrote")
+        raise CharlmError(f"{path} is not a readable charlm checkpoint: {why}; "
+                          f"use a .ckpt written by python train.py") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
+            and isinstance(ckpt.get("hyper_parameters"), dict)
+            and isinstance(ckpt.get("charlm", {}).get("vocab") or ckpt["hyper_parameters"].get("vocab"), list)):
+        raise CharlmError(f"{path} is not a charlm checkpoint (no charlm vocabulary, hyper-parameters and "
+                          f"weights); use a .ckpt written by python train.py")
+    return ckpt
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
+    """Load a checkpoint written by `python train.py` (best.ckpt, last.ckpt) as a Model on `device`."""
+    path = Path(path).expanduser()
+    ckpt = _read_checkpoint(path)
+    hparams, extra = ckpt["hyper_parameters"], ckpt.get("charlm", {})
+    vocab = Vocab(list(extra.get("vocab") or hparams["vocab"]))
+    wanted = inspect.signature(LSTMLM).parameters
+    net = LSTMLM(len(vocab), **{k: v for k, v in hparams.items() if k in wanted and k != "vocab_size"})
+    weights = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CharlmError(f"{path}'s weights do not fit the network its hyper-parameters describe "
+                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                          f"the file is corrupt or from another version") from None
+    return Model(net.to(device).eval(), vocab, extra.get("level") or hparams.get("level"))

@@ -1,0 +1,89 @@
+"""Score a checkpoint on a whole PTB split, the hidden state carried from start to end.
+
+    python -m charlm.evaluate CKPT [--split valid|test] [--batch-size N] [--data-dir D]
+                                   [--dynamic [--dynamic-lr X] [--segment-len N] [--dynamic-decay L]]
+                                   [--limit N] [--output JSON]
+
+Batch size 1 is the course's and the literature's protocol; N > 1 scores N contiguous streams side by side
+(faster; each stream's first symbol is not predicted, and the last len % N symbols are dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from charlm import api, ptb
+from charlm.cli import Parser, number, run
+from charlm.errors import CharlmError
+
+
+def parser() -> Parser:
+    p = Parser(prog="python -m charlm.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", help="a .ckpt written by python train.py")
+    p.add_argument("--split", default="valid", choices=ptb.SPLITS)
+    p.add_argument("--batch-size", type=number(int, lambda v: v >= 1, "an integer >= 1"), default=1)
+    p.add_argument("--data-dir", default=os.environ.get("CHARLM_DATA_DIR", "data/ptb"),
+                   help="directory with the PTB files (default: $CHARLM_DATA_DIR, else data/ptb)")
+    p.add_argument("--limit", type=number(int, lambda v: v >= 2, "an integer >= 2"), default=None,
+                   help="score only the first N symbols of the split (quick checks)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic evaluation: adapt the weights as the text is scored")
+    p.add_argument("--dynamic-lr", type=number(float, lambda v: v > 0, "a number > 0"), default=api.Dynamic.lr)
+    p.add_argument("--segment-len", type=number(int, lambda v: v >= 1, "an integer >= 1"),
+                   default=api.Dynamic.segment_len, help="symbols scored between two dynamic updates")
+    p.add_argument("--dynamic-decay", type=number(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                   default=api.Dynamic.decay, help="pull towards the trained weights after each update")
+    p.add_argument("--output", help="JSON file to write (default: beside the checkpoint, "
+                                    "<name>.<split>.b<N>[.dynamic].json)")
+    return p
+
+
+def split_tokens(data_dir: Path, level: str, split: str, limit: int | None) -> list[str]:
+    path = data_dir / ptb.filename(level, split)
+    if not path.is_file():
+        raise CharlmError(f"{path} does not exist; pass --data-dir (or set CHARLM_DATA_DIR) to the directory "
+                          f"with the PTB files (python train.py downloads them)")
+    return ptb.read_tokens(path)[:limit]
+
+
+def evaluate(args) -> dict:
+    model = api.load(args.checkpoint)
+    tokens = split_tokens(Path(args.data_dir).expanduser(), model.level, args.split, args.limit)
+    dynamic = api.Dynamic(args.dynamic_lr, args.segment_len, args.dynamic_decay) if args.dynamic else None
+    started = time.perf_counter()
+    scores = model.score(tokens, batch_size=args.batch_size, dynamic=dynamic)
+    seconds = time.perf_counter() - started
+    return {"checkpoint": str(Path(args.checkpoint).resolve()), "split": args.split, "batch_size": args.batch_size,
+            "limit": args.limit, "dynamic": vars(dynamic) if dynamic else None, **scores,
+            "seconds": round(seconds, 3), "symbols_per_s": round(scores["symbols"] / seconds, 1)}
+
+
+def output_path(args) -> Path:
+    if args.output:
+        return Path(args.output)
+    ckpt = Path(args.checkpoint)
+    return ckpt.with_name(f"{ckpt.stem}.{args.split}.b{args.batch_size}{'.dynamic' if args.dynamic else ''}.json")
+
+
+def body(args) -> None:
+    result = evaluate(args)
+    path = output_path(args)
+    try:
+        ptb.atomic_write(path, (json.dumps(result, indent=2) + "\n").encode())
+    except OSError as e:
+        raise CharlmError(f"cannot write {path} ({e.strerror}); pass --output to a writable place") from None
+    how = f"batch {args.batch_size}" + (f", dynamic lr {args.dynamic_lr} every {args.segment_len}" if args.dynamic else "")
+    print(f"{args.split}: {result['symbols']} symbols predicted ({how}) in {result['seconds']:.1f} s")
+    print(f"nll {result['nll']:.6f}  bpc {result['bpc']:.6f}  ppl {result['ppl']:.4f}  ppl56 {result['ppl56']:.3f}")
+    print(f"json: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(body, parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
