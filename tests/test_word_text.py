@@ -268,3 +268,30 @@ def test_sampling_from_a_text_checkpoint_continues_the_text(text_run):
             out.append(vocab[int(nxt)])
             logits, state = model(nxt.view(1, 1), state)
     assert "".join(out) == "the cat sat on the mat.\nthe dog sat on the log.\n"
+
+
+def test_sampling_a_text_checkpoint_through_the_api(text_run):
+    import charlm
+
+    run_dir, _ = text_run
+    lm = charlm.load(run_dir / "checkpoints" / "best.ckpt")
+    assert lm.level == "text"
+    prompt = "the dog sat on the log.\n"
+    assert lm.sample(prompt, 48, greedy=True) == prompt + "the cat sat on the mat.\nthe dog sat on the log.\n"
+    assert len(lm.sample("", 30, seed=1)) == 30  # no prime: starts after a newline, which text has
+    assert set(lm.score("the cat sat on the mat.\n")) == {"nll", "bpc", "ppl", "symbols"}
+
+
+def test_word_checkpoint_evaluates_and_samples_words(real_data, tmp_path):
+    import charlm
+    from charlm import evaluate
+
+    run_dir = tmp_path / "run"
+    proc = run_train(f"hydra.run.dir={run_dir}", "data=ptb_word", *SMALL, data_dir=real_data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lm = charlm.load(run_dir / "checkpoints" / "best.ckpt")
+    assert lm.level == "word" and len(lm.sample("the company said", 20, seed=0).split()) >= 20
+    args = evaluate.parser().parse_args([str(run_dir / "checkpoints" / "best.ckpt"), "--data-dir", str(real_data),
+                                         "--limit", "2000", "--batch-size", "4"])
+    result = evaluate.evaluate(args)
+    assert result["level"] == "word" and "bpc" not in result and result["ppl"] == pytest.approx(math.exp(result["nll"]))

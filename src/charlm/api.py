@@ -50,6 +50,8 @@ def to_symbols(text: str, level: str) -> list[str]:
     """
     if level == "word":
         return tokenize(text)
+    if level == "text":  # any text (data=text): every character is a symbol
+        return list(text)
     symbols: list[str] = []
     for i, line in enumerate(text.replace(EOS, "\n").split("\n")):
         if i:
@@ -63,6 +65,8 @@ def to_symbols(text: str, level: str) -> list[str]:
 
 def to_text(symbols: Sequence[str], level: str) -> str:
     """Symbols -> plain text: `<eos>` becomes a newline; words are joined by spaces, characters by nothing."""
+    if level == "text":
+        return "".join(symbols)
     if level == "word":
         lines, line = [], []
         for s in symbols:
@@ -194,7 +198,7 @@ class Model:
                               f"each of the {batch_size} streams needs at least 2")
         streams = batchify(ids, batch_size).to(self.device)
         total, count = self._dynamic_nll(streams, dynamic) if dynamic else self._nll(streams)
-        return {**metrics.from_nll(total / count), "symbols": count}
+        return {**metrics.from_nll(total / count, self.level), "symbols": count}
 
     def _nll(self, streams: torch.Tensor) -> tuple[float, int]:
         """Sum of NLL over batched streams, one fused LSTM call per chunk of up to MAX_CHUNK steps."""
@@ -244,9 +248,10 @@ class Model:
         symbols = self.symbols(prime)
         ids = self.encode(symbols, what="the prime")
         if not len(ids):
-            if EOS not in self.vocab.index:
-                raise CharlmError("this vocabulary has no <eos> to start from; give a prime")
-            ids = torch.tensor([self.vocab.index[EOS]])
+            start = "\n" if self.level == "text" else EOS
+            if start not in self.vocab.index:
+                raise CharlmError(f"this vocabulary has no {start!r} to start from; give a prime")
+            ids = torch.tensor([self.vocab.index[start]])
         gen = torch.Generator()
         if seed is None:
             gen.seed()

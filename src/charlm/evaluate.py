@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from charlm import api, ptb
+from charlm import api, metrics, ptb
 from charlm.cli import Parser, number, run
 from charlm.errors import CharlmError
 
@@ -51,12 +51,15 @@ def split_tokens(data_dir: Path, level: str, split: str, limit: int | None) -> l
 
 def evaluate(args) -> dict:
     model = api.load(args.checkpoint)
+    if model.level == "text":
+        raise CharlmError(f"{args.checkpoint} was trained on a text file (data=text), not PTB; its run's "
+                          f"metrics.json holds its valid and test figures")
     tokens = split_tokens(Path(args.data_dir).expanduser(), model.level, args.split, args.limit)
     dynamic = api.Dynamic(args.dynamic_lr, args.segment_len, args.dynamic_decay) if args.dynamic else None
     started = time.perf_counter()
     scores = model.score(tokens, batch_size=args.batch_size, dynamic=dynamic)
     seconds = time.perf_counter() - started
-    return {"checkpoint": str(Path(args.checkpoint).resolve()), "split": args.split, "batch_size": args.batch_size,
+    return {"checkpoint": str(Path(args.checkpoint).resolve()), "level": model.level, "split": args.split, "batch_size": args.batch_size,
             "limit": args.limit, "dynamic": vars(dynamic) if dynamic else None, **scores,
             "seconds": round(seconds, 3), "symbols_per_s": round(scores["symbols"] / seconds, 1)}
 
@@ -77,7 +80,7 @@ def body(args) -> None:
         raise CharlmError(f"cannot write {path} ({e.strerror}); pass --output to a writable place") from None
     how = f"batch {args.batch_size}" + (f", dynamic lr {args.dynamic_lr} every {args.segment_len}" if args.dynamic else "")
     print(f"{args.split}: {result['symbols']} symbols predicted ({how}) in {result['seconds']:.1f} s")
-    print(f"nll {result['nll']:.6f}  bpc {result['bpc']:.6f}  ppl {result['ppl']:.4f}  ppl56 {result['ppl56']:.3f}")
+    print("  ".join(f"{k} {result[k]:.6f}" for k in metrics.from_nll(result["nll"], result["level"])))
     print(f"json: {path}")
 
 
