@@ -35,6 +35,7 @@ RULES = {
     "trainer.max_epochs": _int_at_least(1),
     "trainer.gradient_clip_val": _number(lambda v: v >= 0, "a number >= 0 (0 or null: no clipping)"),
     "seed": _int_at_least(0),
+    "cpu.threads": _int_at_least(1),
 }
 CHOICES = {"data.level": ("char", "word"), "data.unknown": ("unk", "error")}
 

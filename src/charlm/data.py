@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from charlm import cache as token_cache
 from charlm import ptb
 from charlm.errors import CharlmError
 
@@ -151,15 +152,22 @@ class StreamDataModule(L.LightningDataModule):
         return self._loader("test", self.test_batch_size)
 
 
+def read_splits(paths: dict[str, Path]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Read each split by the course's rule; the vocabulary is the training split's symbols in order."""
+    tokens = {s: ptb.read_tokens(path) for s, path in paths.items()}
+    vocab = Vocab.from_tokens(tokens["train"])
+    return vocab.symbols, {s: vocab.encode(t, where=str(paths[s])) for s, t in tokens.items()}
+
+
 class PTBDataModule(StreamDataModule):
     """PTB at character or word level, read by the course's rule; the vocabulary comes from the training split."""
 
     def __init__(self, data_dir: str, level: str = "char", seq_len: int = 10, batch_size: int = 20,
                  eval_batch_size: int = 10, test_batch_size: int | None = None, download: bool = True,
-                 url: str = ptb.WORD_URL, verify: bool = True):
+                 url: str = ptb.WORD_URL, verify: bool = True, cache: bool = True):
         super().__init__(seq_len, batch_size, eval_batch_size, test_batch_size)
         self.data_dir = Path(os.path.expanduser(str(data_dir)))
-        self.level, self.url, self.download, self.verify = level, url, download, verify
+        self.level, self.url, self.download, self.verify, self.cache = level, url, download, verify, cache
 
     def prepare_data(self) -> None:
         if self.download:
@@ -169,9 +177,11 @@ class PTBDataModule(StreamDataModule):
         if self.verify:
             ptb.verify(self.data_dir, self.level)
         paths = {s: self.data_dir / ptb.filename(self.level, s) for s in ptb.SPLITS}
-        tokens = {s: ptb.read_tokens(path) for s, path in paths.items()}
-        vocab = Vocab.from_tokens(tokens["train"])
-        return vocab, {s: vocab.encode(t, where=str(paths[s])) for s, t in tokens.items()}
+        if self.cache:  # the tokenised splits, read from the text files only when they changed
+            symbols, ids = token_cache.load_or_build(paths, self.data_dir, self.level, lambda: read_splits(paths))
+        else:
+            symbols, ids = read_splits(paths)
+        return Vocab(symbols), ids
 
 
 class TextDataModule(StreamDataModule):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -45,6 +46,37 @@ def _resume_hint() -> str:
     return shlex.join(["python", "train.py", *args])
 
 
+def configure_torch(cfg: DictConfig) -> None:
+    """The process-wide torch settings of a run (`cpu.*`)."""
+    if OmegaConf.select(cfg, "cpu.threads"):
+        torch.set_num_threads(cfg.cpu.threads)
+    torch.set_flush_denormal(bool(OmegaConf.select(cfg, "cpu.flush_denormal", default=False)))
+
+
+def build(cfg: DictConfig, extra_callbacks: list = ()) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """The seeded data, model and trainer of one run as `cfg` says (bench/throughput.py times the same)."""
+    configure_torch(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if cfg.get("ckpt_path"):
+        checkpoint.check_vocab(checkpoint.read(cfg.ckpt_path), datamodule.vocab.symbols, cfg.ckpt_path)
+    model = hydra.utils.instantiate(cfg.model, vocab=datamodule.vocab.symbols, optimizer=cfg.optimizer,
+                                    scheduler=cfg.get("scheduler"), level=datamodule.level, _recursive_=False)
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks += [*extra_callbacks, SaveOnInterrupt(str(ckpt_dir / "last.ckpt"), _resume_hint())]
+    every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps")
+    if every:  # a rolling step checkpoint (and last.ckpt) every N steps, for pre-emptible machines
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", every_n_train_steps=every,
+                                         save_last=True, save_top_k=1, enable_version_counter=False))
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 plugins=[checkpoint.AtomicCheckpointIO()])
+    return datamodule, model, trainer
+
+
 def fit(cfg: DictConfig) -> dict:
     """Train and test as `cfg` says; returns what metrics.json holds. Raises CharlmError on bad input.
 
@@ -59,27 +91,9 @@ def fit(cfg: DictConfig) -> dict:
     history = History()
     training = False
     try:
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = hydra.utils.instantiate(cfg.data)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        if cfg.get("ckpt_path"):
-            checkpoint.check_vocab(checkpoint.read(cfg.ckpt_path), datamodule.vocab.symbols, cfg.ckpt_path)
+        datamodule, model, trainer = build(cfg, extra_callbacks=[history])
         result["level"] = datamodule.level
         headline = metrics.HEADLINE[datamodule.level]  # bpc for characters, ppl for words
-        model = hydra.utils.instantiate(cfg.model, vocab=datamodule.vocab.symbols, optimizer=cfg.optimizer,
-                                        scheduler=cfg.get("scheduler"), level=datamodule.level,
-                                        _recursive_=False)
-        ckpt_dir = run_dir / "checkpoints"
-        callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-        callbacks += [history, SaveOnInterrupt(str(ckpt_dir / "last.ckpt"), _resume_hint())]
-        every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps")
-        if every:  # a rolling step checkpoint (and last.ckpt) every N steps, for pre-emptible machines
-            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", every_n_train_steps=every,
-                                             save_last=True, save_top_k=1, enable_version_counter=False))
-        loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                     plugins=[checkpoint.AtomicCheckpointIO()])
         hparams = OmegaConf.to_container(cfg, resolve=True)
         hparams = {k: hparams[k] for k in ("data", "model", "optimizer", "scheduler", "trainer", "seed") if k in hparams}
         training = True

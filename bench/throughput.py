@@ -1,0 +1,321 @@
+"""Training throughput: the project's own step against a plain PyTorch loop of the same model and data.
+
+    python bench/throughput.py            # every CPU configuration; writes docs/performance.md and a JSON file
+    python bench/throughput.py --quick    # the course configuration and 2x512, in a few minutes
+
+"project" is `python train.py` as it runs: the config composed from conf/ with Hydra, the data, model and
+Trainer built by charlm.train.build (TensorBoard logging, progress bar, clipping and callbacks on), timed
+between the batch-end hooks of its steps. "plain" is the training loop of pytorch/examples'
+word_language_model (batchify, get_batch slices, repackage_hidden, clip_grad_norm_, a manual SGD step,
+loss.item() every step) on the same network, initialisation and data order. "best" is the project
+with its best settings (BEST, or --best). The variants alternate within one process, several rounds;
+each ratio is the median over rounds of variant / plain measured in the same round. Characters per
+second count predicted symbols. The last line is `course_ratio=R1 best_ratio=R2`: the project against
+the plain loop at the course's configuration, and the best settings against the plain loop at 2x512
+(BEST_AT; bf16 pays off on matrices larger than the course's; every configuration's is on the line before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from charlm.train import build
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "performance.md"
+DEFAULT_THREADS = torch.get_num_threads()
+BEST = ["trainer.precision=bf16-mixed"]  # the project's fastest settings (docs/performance.md)
+# name -> (overrides of the course config, timed steps, warm-up steps)
+CONFIGS = {
+    "course": ([], 300, 20),
+    "b64_s100": (["data.batch_size=64", "data.seq_len=100"], 16, 3),
+    "2x512": (["model.hidden_size=512"], 100, 10),
+    "b128_3x1000": (["data.batch_size=128", "data.seq_len=150", "model.hidden_size=1000", "model.num_layers=3"], 30, 5),
+}
+CPU_CONFIGS, GPU_CONFIGS, QUICK_CONFIGS = ["course", "b64_s100", "2x512"], ["course", "b128_3x1000"], ["course", "2x512"]
+BEST_AT = "2x512"  # best_ratio: where the best settings are meant for (models larger than the course's)
+# Every project run: one epoch of exactly the steps measured, no validation or test, no model summary.
+BENCH = ["trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+         "trainer.enable_model_summary=false", "test=false"]
+clock = time.perf_counter  # --cpu-time: time.process_time, steadier than wall time on a busy machine
+
+
+def compose_config(overrides: list[str], run_dir: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"run_dir={run_dir}", *overrides])
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- the project -----------------------------------------------------------------------------------
+class StepClock(L.Callback):
+    """Times the training steps after `warmup`, from the batch-end hook before the first to the last's."""
+
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device, self.chars, self.start, self.end = warmup, device, 0, None, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.warmup - 1:
+            sync(self.device)
+            self.start = clock()
+        elif batch_idx >= self.warmup:
+            sync(self.device)
+            self.chars, self.end = self.chars + batch[1].numel(), clock()
+
+
+def run_project(overrides: list[str], steps: int, warmup: int, device: str) -> float:
+    """Characters per second of `python train.py overrides` over `steps` steps after `warmup`."""
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = compose_config([*overrides, *BENCH, f"trainer.accelerator={accelerator}",
+                              f"trainer.limit_train_batches={warmup + steps}"], run_dir)
+        timer = StepClock(warmup, device)
+        datamodule, model, trainer = build(cfg, extra_callbacks=[timer])
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            trainer.fit(model, datamodule=datamodule)
+    return timer.chars / (timer.end - timer.start)
+
+
+# --- the plain loop, written as pytorch/examples/word_language_model writes it -----------------------
+class RNNModel(nn.Module):
+    """Encoder, dropout, LSTM, dropout, decoder, log-softmax; (time, batch) layout."""
+
+    def __init__(self, ntoken: int, ninp: int, nhid: int, nlayers: int, dropout: float, init_range: float):
+        super().__init__()
+        self.ntoken = ntoken
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = nn.LSTM(ninp, nhid, nlayers, dropout=dropout)
+        self.decoder = nn.Linear(nhid, ntoken)
+        for p in self.parameters():  # the course's initialisation, as the project's network has it
+            nn.init.uniform_(p, -init_range, init_range)
+
+    def forward(self, input, hidden):
+        emb = self.drop(self.encoder(input))
+        output, hidden = self.rnn(emb, hidden)
+        output = self.drop(output)
+        decoded = self.decoder(output).view(-1, self.ntoken)
+        return nn.functional.log_softmax(decoded, dim=1), hidden
+
+    def init_hidden(self, bsz: int):
+        weight = next(self.parameters())
+        return (weight.new_zeros(self.rnn.num_layers, bsz, self.rnn.hidden_size),
+                weight.new_zeros(self.rnn.num_layers, bsz, self.rnn.hidden_size))
+
+
+def batchify(data: torch.Tensor, bsz: int, device: str) -> torch.Tensor:
+    nbatch = data.size(0) // bsz
+    return data.narrow(0, 0, nbatch * bsz).view(bsz, -1).t().contiguous().to(device)
+
+
+def get_batch(source: torch.Tensor, i: int, bptt: int):
+    seq_len = min(bptt, len(source) - 1 - i)
+    return source[i:i + seq_len], source[i + 1:i + 1 + seq_len].reshape(-1)
+
+
+def repackage_hidden(h):
+    return h.detach() if isinstance(h, torch.Tensor) else tuple(repackage_hidden(v) for v in h)
+
+
+def plain_loop(cfg, train_ids: torch.Tensor, ntoken: int, steps: int, warmup: int = 0,
+               device: str = "cpu") -> tuple[float, list[float]]:
+    """Characters per second over `steps` steps after `warmup`, and every step's loss."""
+    if cfg.optimizer._target_ != "torch.optim.SGD" or cfg.model.sum_over_time:
+        raise ValueError("the plain loop trains with plain SGD on the mean NLL, as the course does")
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    model = RNNModel(ntoken, m.hidden_size, m.hidden_size, m.num_layers, m.dropout, m.init_range).to(device)
+    criterion = nn.NLLLoss()
+    train_data = batchify(train_ids, cfg.data.batch_size, device)
+    lr, clip, bptt = cfg.optimizer.lr, cfg.trainer.gradient_clip_val, cfg.data.seq_len
+    model.train()
+    total_loss, losses, chars = 0.0, [], 0
+    hidden = model.init_hidden(cfg.data.batch_size)
+    for batch, i in enumerate(range(0, (warmup + steps) * bptt, bptt)):
+        if batch == warmup:
+            sync(device)
+            start = clock()
+        data, targets = get_batch(train_data, i, bptt)
+        model.zero_grad()
+        hidden = repackage_hidden(hidden)
+        output, hidden = model(data, hidden)
+        loss = criterion(output, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-lr)
+        total_loss += loss.item()
+        losses.append(loss.item())
+        chars += targets.numel() if batch >= warmup else 0
+    sync(device)
+    return chars / (clock() - start), losses
+
+
+# --- the physical limit ----------------------------------------------------------------------------
+def peak_gflops(dtype: torch.dtype, device: str, seconds: float = 1.0) -> float:
+    """Measured peak of a large square matrix product, GFLOP/s."""
+    n = 8192 if device == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    torch.mm(a, b)
+    sync(device)
+    reps, start = 0, clock()
+    while clock() - start < seconds:
+        torch.mm(a, b)
+        reps += 1
+        sync(device)
+    return 2 * n**3 * reps / (clock() - start) / 1e9
+
+
+def flops_per_char(cfg, ntoken: int) -> float:
+    """Matrix-product FLOPs to train on one character: 3x the forward (backward = 2x), elementwise ops left out."""
+    h, layers = cfg.model.hidden_size, cfg.model.num_layers
+    forward = layers * 2 * 4 * h * (h + h) + 2 * h * ntoken  # each layer's input is h wide (embedding = hidden)
+    return 3.0 * forward
+
+
+# --- the benchmark ---------------------------------------------------------------------------------
+def bench_config(name: str, overrides: list[str], steps: int, warmup: int, rounds: int, best: list[str],
+                 device: str) -> dict:
+    cfg = compose_config(overrides, "unused")
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    ntoken, train_ids = len(datamodule.vocab), datamodule.ids["train"]
+    runs = {
+        "plain": lambda: plain_loop(cfg, train_ids, ntoken, steps, warmup, device)[0],
+        "project": lambda: run_project(overrides, steps, warmup, device),
+        "best": lambda: run_project([*overrides, *best], steps, warmup, device),
+    }
+    cps: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(rounds):
+        order = list(runs)[r % 3:] + list(runs)[:r % 3]  # rotate, so no variant always runs first
+        for k in order:
+            torch.set_num_threads(DEFAULT_THREADS)  # the project's cpu.* settings must not leak into
+            torch.set_flush_denormal(False)         # the plain loop, which runs with torch's defaults
+            cps[k].append(runs[k]())
+        print(f"  {name} round {r + 1}/{rounds}: " + "  ".join(f"{k} {cps[k][-1]:,.0f}" for k in runs), flush=True)
+    ratio = {k: statistics.median(a / b for a, b in zip(cps[k], cps["plain"])) for k in ("project", "best")}
+    return {"name": name, "overrides": overrides, "steps": steps, "warmup": warmup, "rounds": rounds,
+            "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
+            "model": f"{cfg.model.num_layers}x{cfg.model.hidden_size}", "flops_per_char": flops_per_char(cfg, ntoken),
+            "chars_per_sec": {k: statistics.median(v) for k, v in cps.items()}, "all_chars_per_sec": cps,
+            "ratio": ratio["project"], "best_ratio": ratio["best"]}
+
+
+def table(result: dict) -> str:
+    peak = result["peak_gflops"]
+    rows = ["| config | model | batch × seq | plain chars/s | project chars/s | project / plain | "
+            "best chars/s | best / plain | MFLOP/char | plain, project % of fp32 peak | best % of bf16 peak |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in result["configs"]:
+        cps, f = c["chars_per_sec"], c["flops_per_char"]
+        pct = {k: 100 * cps[k] * f / 1e9 / peak["bf16" if k == "best" else "fp32"] for k in cps}
+        rows.append(f"| {c['name']} | {c['model']} | {c['batch_size']} × {c['seq_len']} | {cps['plain']:,.0f} | "
+                    f"{cps['project']:,.0f} | {c['ratio']:.2f} | {cps['best']:,.0f} | {c['best_ratio']:.2f} | "
+                    f"{f / 1e6:.2f} | {pct['plain']:.1f}, {pct['project']:.1f} % | {pct['best']:.1f} % |")
+    return "\n".join(rows)
+
+
+def write_docs(path: Path, result: dict) -> None:
+    """Replace the block between this device's markers in `path` (appended when absent)."""
+    begin, end = f"<!-- throughput-{result['device']}:begin -->", f"<!-- throughput-{result['device']}:end -->"
+    peak = result["peak_gflops"]
+    block = "\n".join([
+        begin,
+        f"Measured {result['date']} on {result['machine']} ({result['threads']} CPU thread(s), torch "
+        f"{result['torch']}, {result['clock']}) with `{result['command']}`. Peak of a large matrix product: "
+        f"fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 {peak['bf16']:,.0f} GFLOP/s. best = the project with "
+        f"`{' '.join(result['best'])}`. FLOPs count the matrix products of a training step (3 × forward).",
+        "",
+        table(result),
+        end])
+    text = path.read_text() if path.exists() else "# Performance\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def machine_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="course and 2x512 only, half the steps, 3 rounds")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
+                        help=f"default: {' '.join(CPU_CONFIGS)} (cuda: {' '.join(GPU_CONFIGS)}; "
+                             f"quick: {' '.join(QUICK_CONFIGS)})")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--rounds", type=int, help="alternations of the variants (default 5, quick 3)")
+    parser.add_argument("--steps", type=int, help="timed steps of every configuration (default: per configuration)")
+    parser.add_argument("--best", nargs="*", default=BEST, help=f"overrides of the best variant (default: {' '.join(BEST)})")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="count this process's CPU time, not wall time (steadier on a busy machine)")
+    parser.add_argument("--json", type=Path, help="default outputs/bench/throughput-<device>[-quick].json")
+    parser.add_argument("--docs", type=Path, help=f"write the table into this file (default {DOCS.relative_to(ROOT)}, "
+                                                   "but none with --quick, --steps or --cpu-time)")
+    args = parser.parse_args()
+    global clock
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    for name in ("lightning.pytorch", "lightning.fabric"):  # no "GPU available" lines for every run
+        logging.getLogger(name).setLevel(logging.WARNING)
+    rounds = args.rounds or (3 if args.quick else 5)
+    names = args.configs or (QUICK_CONFIGS if args.quick else GPU_CONFIGS if args.device == "cuda" else CPU_CONFIGS)
+    tag = args.device + ("-quick" if args.quick else "")
+    json_path = args.json or ROOT / "outputs" / "bench" / f"throughput-{tag}.json"
+    docs = args.docs or (None if args.quick or args.steps or args.cpu_time else DOCS)
+
+    peak = {"fp32": peak_gflops(torch.float32, args.device), "bf16": peak_gflops(torch.bfloat16, args.device)}
+    print(f"peak matmul GFLOP/s: fp32 {peak['fp32']:,.0f}  bf16 {peak['bf16']:,.0f}", flush=True)
+    configs = []
+    for name in names:
+        overrides, steps, warmup = CONFIGS[name]
+        steps = args.steps or (max(steps // 2, 5) if args.quick else steps)
+        configs.append(bench_config(name, overrides, steps, max(1, min(warmup, steps)), rounds, args.best, args.device))
+    result = {"date": datetime.date.today().isoformat(), "device": args.device, "machine": machine_name(args.device),
+              "threads": DEFAULT_THREADS, "torch": torch.__version__, "clock": clock.__name__,
+              "command": "python bench/throughput.py " + " ".join(sys.argv[1:]), "best": args.best,
+              "peak_gflops": peak, "configs": configs}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    if docs:
+        write_docs(docs, result)
+        print(f"table written to {docs}")
+    print(f"results: {json_path}")
+    print("best / plain: " + ", ".join(f"{c['name']} {c['best_ratio']:.2f}" for c in configs))
+    course = next((c for c in configs if c["name"] == "course"), configs[0])
+    best = next((c for c in configs if c["name"] == BEST_AT), configs[-1])
+    print(f"course_ratio={course['ratio']:.2f} best_ratio={best['best_ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

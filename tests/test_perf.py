@@ -1,0 +1,160 @@
+"""Performance work that must not change behaviour: the token cache, the model's layout, the benchmark's
+two loops, and the presets (they compose, and each trains a few steps on CPU)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from charlm import cache, config
+from charlm.data import PTBDataModule
+from charlm.model import LSTMLM
+from conftest import FAST, ROOT, run_train, write_tiny_ptb
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=["run_dir=/tmp/x", *overrides])
+
+
+# --- the token cache ---------------------------------------------------------------------------------
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "charlm"
+
+
+def load(data_dir, **kw):
+    dm = PTBDataModule(str(data_dir), download=False, verify=False, **kw)
+    dm.setup()
+    return dm
+
+
+def test_cache_is_written_beside_the_data_and_then_used(tiny_data, user_cache, monkeypatch):
+    first = load(tiny_data)
+    assert (tiny_data / "ptb.char.ids.pt").is_file() and not user_cache.exists()
+    monkeypatch.setattr("charlm.data.read_splits", lambda paths: pytest.fail("the text files were read again"))
+    second = load(tiny_data)
+    assert second.vocab == first.vocab
+    assert all(torch.equal(second.ids[s], first.ids[s]) and second.ids[s].dtype == torch.long for s in first.ids)
+
+
+def test_changed_text_rebuilds_the_cache(tiny_data, user_cache):
+    before = load(tiny_data)
+    train = tiny_data / "ptb.char.train.txt"
+    train.write_text("z _ " + train.read_text())  # a new first symbol: new vocabulary order and ids
+    after = load(tiny_data)
+    assert after.vocab.symbols[0] == "z" and after.vocab != before.vocab
+    assert after.ids["train"].numel() == before.ids["train"].numel() + 2
+    assert load(tiny_data, cache=False).vocab == after.vocab  # what the text files say
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "altered ids"])
+def test_damaged_cache_is_rebuilt_not_trusted(tiny_data, user_cache, damage, monkeypatch):
+    good = load(tiny_data)
+    path = tiny_data / "ptb.char.ids.pt"
+    if damage == "garbage":
+        path.write_bytes(b"not a torch file")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:  # a well-formed file whose ids no longer match its checksum
+        saved = torch.load(path, weights_only=True)
+        saved["ids"]["valid"][0] = (saved["ids"]["valid"][0] + 1) % len(saved["symbols"])
+        torch.save(saved, path)
+    again = load(tiny_data)
+    assert all(torch.equal(again.ids[s], good.ids[s]) for s in good.ids)
+    monkeypatch.setattr("charlm.data.read_splits", lambda paths: pytest.fail("the rebuilt cache was not used"))
+    assert load(tiny_data).vocab == good.vocab
+
+
+def test_read_only_data_dir_falls_back_to_the_user_cache(tmp_path, user_cache):
+    data = write_tiny_ptb(tmp_path / "ro")
+    os.chmod(data, 0o555)
+    try:
+        first = load(data)
+        assert not list(data.glob("*.pt")) and not list(data.glob(".*"))
+        assert [p.parent for p in cache.locations(data, "char")] == [data.resolve(), user_cache]
+        assert cache.locations(data, "char")[1].is_file()
+        assert torch.equal(load(data).ids["test"], first.ids["test"])
+    finally:
+        os.chmod(data, 0o755)
+
+
+def test_cache_can_be_turned_off(tiny_data, user_cache):
+    load(tiny_data, cache=False)
+    assert not (tiny_data / "ptb.char.ids.pt").exists() and not user_cache.exists()
+
+
+# --- the model's layout ------------------------------------------------------------------------------
+def test_time_major_model_draws_the_same_dropout_masks_as_batch_first():
+    """The network runs time-major inside; with a seed it must give what the batch_first layout gave."""
+    torch.manual_seed(0)
+    net = LSTMLM(11, 16, 2, dropout=0.3).train()
+    ref = nn.LSTM(16, 16, 2, dropout=0.3, batch_first=True)
+    ref.load_state_dict(net.lstm.state_dict())
+    x = torch.randint(0, 11, (4, 7))
+    torch.manual_seed(1)
+    logits, (h, c) = net(x)
+    torch.manual_seed(1)
+    out, (h_ref, c_ref) = ref(net.drop(net.embed(x)))
+    expected = net.decoder(net.drop(out))
+    assert logits.shape == (4, 7, 11)
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close((h, c), (h_ref, c_ref))
+
+
+# --- the benchmark's two loops train the same thing ----------------------------------------------------
+def test_plain_loop_and_project_give_the_same_losses(real_data, tmp_path):
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    overrides = ["model.dropout=0", "model.hidden_size=32", f"data.data_dir={real_data}"]
+    steps = 12
+
+    class Losses(bench.L.Callback):
+        values: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values.append(float(outputs["loss"]))
+
+    cfg = bench.compose_config([*overrides, *bench.BENCH, f"trainer.limit_train_batches={steps}",
+                                "trainer.enable_progress_bar=false", "~callbacks.progress_bar"], str(tmp_path))
+    datamodule, model, trainer = bench.build(cfg, extra_callbacks=[Losses()])
+    trainer.fit(model, datamodule=datamodule)
+    _, plain = bench.plain_loop(cfg, datamodule.ids["train"], len(datamodule.vocab), steps)
+    assert len(plain) == len(Losses.values) == steps
+    torch.testing.assert_close(torch.tensor(Losses.values), torch.tensor(plain), rtol=1e-5, atol=1e-5)
+    assert plain[-1] < plain[0]  # and it learns
+
+
+# --- presets -------------------------------------------------------------------------------------------
+def test_presets_compose_within_their_budgets():
+    fast = compose_train("experiment=fast_2x200")
+    course = compose_train()
+    assert (fast.model.hidden_size, fast.model.num_layers) == (course.model.hidden_size, course.model.num_layers)
+    assert fast.trainer.max_epochs <= course.trainer.max_epochs
+    hour = compose_train("experiment=cpu_hour")
+    days, hours, minutes, seconds = map(int, hour.trainer.max_time.split(":"))
+    assert (days, hours * 60 + minutes + seconds / 60) <= (0, 60)
+    gpu = compose_train("experiment=gpu_best")
+    assert (gpu.model.num_layers, gpu.model.hidden_size) == (3, 1000) and gpu.trainer.max_time
+    for cfg in (fast, hour, gpu):
+        config.check(cfg)
+        assert cfg.scheduler.total_steps == "auto" and cfg.scheduler.interval == "step"
+
+
+@pytest.mark.parametrize("preset", ["fast_2x200", "cpu_hour", "gpu_best"])
+def test_preset_trains_a_few_steps_on_cpu(preset, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(f"hydra.run.dir={run_dir}", f"experiment={preset}", "trainer.accelerator=cpu",
+                     "data.batch_size=4", "data.seq_len=20", "data.eval_batch_size=2", "trainer.max_epochs=1",
+                     "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+                     "~callbacks.checkpoint", "+trainer.enable_checkpointing=false", *FAST, data_dir=tiny_data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 3
+    assert 0 < metrics["valid"]["bpc"] < 10
