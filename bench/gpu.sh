@@ -33,9 +33,10 @@ if [ "${1:-}" = "--cpu" ]; then
 else
   device=cuda
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA GPU; use --cpu for a dry run')"
-  bench=(--device cuda --rounds 3)
-  # 3 epochs of the preset with its schedule over those 3 (about 15.7M characters), stopped at 4 minutes.
-  run=(trainer.max_epochs=3 trainer.max_time=00:00:04:00)
+  bench=(--device cuda --rounds "${BENCH_ROUNDS:-3}")
+  # 3 epochs of the preset with its schedule over those 3 (about 15.7M characters), stopped at 4 minutes
+  # (GPU_BEST_TIME=DD:HH:MM:SS to change it).
+  run=(trainer.max_epochs=3 trainer.max_time="${GPU_BEST_TIME:-00:00:04:00}")
 fi
 
 echo "== throughput ($device)"
