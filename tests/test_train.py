@@ -79,3 +79,12 @@ def test_bad_values_are_one_line_errors(override, message, tiny_data, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"error: {lines[0][7:]}"] and message in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_history_records_the_learning_rate_each_epoch_trained_at(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(f"hydra.run.dir={run_dir}", "data.batch_size=4", "data.eval_batch_size=2", "model.hidden_size=8",
+                     "trainer.max_epochs=3", "scheduler.lr_lambda.max_epoch=1", "test=false", *FAST, data_dir=tiny_data)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [h["lr"] for h in history] == [1.0, 1.0, 0.5]  # main.lua: epochs 1..max_epoch+1 at lr, then halved

@@ -35,6 +35,11 @@ class History(L.Callback):
 
     def __init__(self) -> None:
         self.epochs: list[dict] = []
+        self.lr: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # the epoch's learning rate: by its end-of-epoch validation, epoch schedulers have already stepped
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -42,7 +47,7 @@ class History(L.Callback):
         row = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
         row.update({k: float(v) for k, v in trainer.callback_metrics.items()
                     if k.startswith(("train/", "valid/")) and not k.startswith(("train/step", "train/loss"))})
-        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        row["lr"] = self.lr
         self.epochs.append(row)
 
     def state_dict(self) -> dict:
