@@ -113,7 +113,9 @@ class LanguageModel(L.LightningModule):
         """Whether the trainer writes this step's metrics to its loggers (every `log_every_n_steps`). A
         `self.log` call on the other steps changes nothing the loggers see, yet costs Lightning about a
         millisecond of Python (a tenth of a step at the course's size)."""
-        every = self.trainer.log_every_n_steps
+        if self._trainer is None:  # called by hand, outside fit: there is nothing to log to
+            return False
+        every = self._trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
