@@ -1,6 +1,6 @@
 """Training throughput: the project's own step against a plain PyTorch loop of the same model and data.
 
-    python bench/throughput.py            # every CPU configuration; writes docs/performance.md and a JSON file
+    python bench/throughput.py            # every CPU configuration (~6 min); writes docs/performance.md and a JSON file
     python bench/throughput.py --quick    # the course configuration and 2x512, in a few minutes
 
 "project" is `python train.py` as it runs: the config composed from conf/ with Hydra, the data, model and
@@ -173,17 +173,23 @@ def plain_loop(cfg, train_ids: torch.Tensor, ntoken: int, steps: int, warmup: in
 
 # --- the physical limit ----------------------------------------------------------------------------
 def peak_gflops(dtype: torch.dtype, device: str, seconds: float = 1.0) -> float:
-    """Measured peak of a large square matrix product, GFLOP/s."""
+    """Measured peak of a large square matrix product, GFLOP/s. On a GPU "fp32" is what cuDNN's fp32 LSTM
+    runs on: TF32 tensor cores, unless torch.backends.cudnn.allow_tf32 is off."""
     n = 8192 if device == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    torch.mm(a, b)
-    sync(device)
-    reps, start = 0, clock()
-    while clock() - start < seconds:
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = device == "cuda" and torch.backends.cudnn.allow_tf32
+    try:
         torch.mm(a, b)
-        reps += 1
         sync(device)
-    return 2 * n**3 * reps / (clock() - start) / 1e9
+        reps, start = 0, clock()
+        while clock() - start < seconds:
+            torch.mm(a, b)
+            reps += 1
+            sync(device)
+        return 2 * n**3 * reps / (clock() - start) / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def flops_per_char(cfg, ntoken: int) -> float:
