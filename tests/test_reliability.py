@@ -85,7 +85,7 @@ import sys, torch
 from charlm.checkpoint import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 for i in range(10**6):
-    io.save_checkpoint({"charlm": {"vocab": ["a"]}, "state_dict": {"w": torch.full((4_000_000,), float(i))}}, path)
+    io.save_checkpoint({"charlm": {"vocab": ["a"]}, "hyper_parameters": {}, "state_dict": {"w": torch.full((4_000_000,), float(i))}}, path)
     print(i, flush=True)
 """
 
@@ -198,9 +198,9 @@ BAD = {
     "unknown symbol": "holds the symbol 'Z'",
     "unknown key": "Could not override 'model.hiden_size'",
     "value out of range": "model.dropout=1.5 is out of range",
-    "truncated checkpoint": "cannot be read",
+    "truncated checkpoint": "is not a readable charlm checkpoint",
     "non-charlm checkpoint": "is not a charlm checkpoint",
-    "garbage checkpoint": "cannot be read",
+    "garbage checkpoint": "is not a readable charlm checkpoint",
     "another-vocabulary checkpoint": "was trained on another vocabulary",
     "unwritable output dir": "/proc/charlm-run",
 }

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm import metrics
+from charlm import checkpoint, metrics
 from charlm.data import Vocab, batchify
 from charlm.errors import CharlmError
 from charlm.model import LSTMLM, State, detach
@@ -274,35 +274,12 @@ class Model:
 
 
 # --- loading -----------------------------------------------------------------------------------------
-def _read_checkpoint(path: Path) -> dict:
-    if not path.exists():
-        raise CharlmError(f"checkpoint {path} does not exist; give a .ckpt file written by python train.py")
-    if path.is_dir():
-        hint = next((p for p in (path / "checkpoints" / "best.ckpt", path / "best.ckpt") if p.is_file()), None)
-        raise CharlmError(f"{path} is a directory; give a checkpoint file" + (f", e.g. {hint}" if hint else ""))
-    try:
-        # weights_only: the project's checkpoints hold tensors and plain values only, and loading one
-        # must never run code that came with the file.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, another format, pickled objects: the message says which
-        why = ("it holds pickled Python objects besides tensors and plain values" if "Weights only" in str(e)
-               else "it is truncated, or not a file that torch.save wrote")
-        raise CharlmError(f"{path} is not a readable charlm checkpoint: {why}; "
-                          f"use a .ckpt written by python train.py") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
-            and isinstance(ckpt.get("hyper_parameters"), dict)
-            and isinstance(ckpt.get("charlm", {}).get("vocab") or ckpt["hyper_parameters"].get("vocab"), list)):
-        raise CharlmError(f"{path} is not a charlm checkpoint (no charlm vocabulary, hyper-parameters and "
-                          f"weights); use a .ckpt written by python train.py")
-    return ckpt
-
-
 def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
     """Load a checkpoint written by `python train.py` (best.ckpt, last.ckpt) as a Model on `device`."""
     path = Path(path).expanduser()
-    ckpt = _read_checkpoint(path)
-    hparams, extra = ckpt["hyper_parameters"], ckpt.get("charlm", {})
-    vocab = Vocab(list(extra.get("vocab") or hparams["vocab"]))
+    ckpt = checkpoint.read(path)
+    hparams, extra = ckpt["hyper_parameters"], ckpt["charlm"]
+    vocab = Vocab(list(extra["vocab"]))
     wanted = inspect.signature(LSTMLM).parameters
     net = LSTMLM(len(vocab), **{k: v for k, v in hparams.items() if k in wanted and k != "vocab_size"})
     weights = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}

@@ -26,17 +26,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def read(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a charlm checkpoint on the CPU; any way it can be unusable is one CharlmError."""
-    path = Path(path)
+    """Load a charlm checkpoint on the CPU; any way it can be unusable is one CharlmError.
+
+    weights_only: the project's checkpoints hold tensors and plain values only, and loading one must
+    never run code that came with the file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        hint = next((p for p in (path / "checkpoints" / "best.ckpt", path / "best.ckpt") if p.is_file()), None)
+        raise CharlmError(f"{path} is a directory; give a checkpoint file" + (f", e.g. {hint}" if hint else ""))
     if not path.is_file():
-        raise CharlmError(f"checkpoint {path} does not exist; give the path of a .ckpt in a run's checkpoints/")
+        raise CharlmError(f"checkpoint {path} does not exist; give a .ckpt file written by python train.py")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, random bytes, a pickle of something else...
-        raise CharlmError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated or not a "
-                          f"checkpoint: use another one (best.ckpt, last.ckpt or a step checkpoint)") from None
-    if not isinstance(ckpt, dict) or "charlm" not in ckpt or "state_dict" not in ckpt:
-        raise CharlmError(f"{path} is not a charlm checkpoint (no vocabulary in it); use one written by train.py")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated zip, random bytes, pickled objects
+        raise CharlmError(f"{path} is not a readable charlm checkpoint: it is truncated, not a file torch.save "
+                          f"wrote, or holds pickled code besides tensors and plain values; use another one "
+                          f"(best.ckpt, last.ckpt or a step checkpoint written by python train.py)") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
+            and isinstance(ckpt.get("hyper_parameters"), dict)
+            and isinstance(ckpt.get("charlm"), dict) and isinstance(ckpt["charlm"].get("vocab"), list)):
+        raise CharlmError(f"{path} is not a charlm checkpoint (no charlm vocabulary, hyper-parameters and "
+                          f"weights); use a .ckpt written by python train.py")
     return ckpt
 
 
