@@ -87,11 +87,13 @@ def _write(path: Path, sources: dict[str, str], symbols: list[str], ids: dict[st
     return True
 
 
-def load_or_build(files: dict[str, Path], data_dir: Path, level: str, build: Callable[[], Splits]) -> Splits:
-    """The vocabulary and split ids of `files`, from a valid cache if there is one, else `build()` then cached."""
+def load_or_build(files: dict[str, Path], data_dir: Path, level: str, build: Callable[[], Splits],
+                  digests: dict[str, str] | None = None) -> Splits:
+    """The vocabulary and split ids of `files`, from a valid cache if there is one, else `build()` then cached.
+    `digests` (split -> MD5 of its file) spares hashing the files again when the caller already did."""
     if not all(path.is_file() for path in files.values()):
         return build()  # which says what is missing
-    sources = {split: md5sum(path) for split, path in files.items()}
+    sources = digests or {split: md5sum(path) for split, path in files.items()}
     places = locations(data_dir, level)
     for path in places:
         found = _read(path, sources)

@@ -174,11 +174,14 @@ class PTBDataModule(StreamDataModule):
             ptb.ensure_files(self.data_dir, self.level, self.url)
 
     def load(self) -> tuple[Vocab, dict[str, torch.Tensor]]:
-        if self.verify:
-            ptb.verify(self.data_dir, self.level)
         paths = {s: self.data_dir / ptb.filename(self.level, s) for s in ptb.SPLITS}
+        # one MD5 pass over the files serves both the checksum check and the cache's key
+        digests = {s: ptb.md5sum(p) for s, p in paths.items() if p.is_file()} if self.verify or self.cache else {}
+        if self.verify:
+            ptb.verify(self.data_dir, {paths[s].name: d for s, d in digests.items()})
         if self.cache:  # the tokenised splits, read from the text files only when they changed
-            symbols, ids = token_cache.load_or_build(paths, self.data_dir, self.level, lambda: read_splits(paths))
+            symbols, ids = token_cache.load_or_build(paths, self.data_dir, self.level, lambda: read_splits(paths),
+                                                     digests)
         else:
             symbols, ids = read_splits(paths)
         return Vocab(symbols), ids

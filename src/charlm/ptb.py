@@ -126,13 +126,13 @@ def expected_md5(data_dir: Path) -> dict[str, str]:
     return {name.lstrip("*"): digest for digest, name in pairs}
 
 
-def verify(data_dir: Path, level: str) -> None:
-    """A truncated, emptied or altered data file is an error before any training starts."""
+def verify(data_dir: Path, digests: dict[str, str]) -> None:
+    """A truncated, emptied or altered data file (`digests`: file name -> its MD5) is an error before any
+    training starts."""
     sums = expected_md5(data_dir)
-    for split in SPLITS:
-        path = data_dir / filename(level, split)
-        if path.name in sums and path.is_file() and md5sum(path) != sums[path.name]:
-            raise CharlmError(f"{path} fails its checksum (MD5 {md5sum(path)}, expected {sums[path.name]}): it is "
+    for name, digest in digests.items():
+        if name in sums and digest != sums[name]:
+            raise CharlmError(f"{data_dir / name} fails its checksum (MD5 {digest}, expected {sums[name]}): it is "
                               f"truncated or altered; delete it to download it again, or copy a good one there")
 
 
