@@ -138,8 +138,9 @@ def repackage_hidden(h):
 
 
 def plain_loop(cfg, train_ids: torch.Tensor, ntoken: int, steps: int, warmup: int = 0,
-               device: str = "cpu") -> tuple[float, list[float]]:
-    """Characters per second over `steps` steps after `warmup`, and every step's loss."""
+               device: str = "cpu", at_start=None) -> tuple[float, list[float]]:
+    """Characters per second over `steps` steps after `warmup`, and every step's loss. `at_start` is
+    called as timing starts (bench/step_profile.py starts its profiler there)."""
     if cfg.optimizer._target_ != "torch.optim.SGD" or cfg.model.sum_over_time:
         raise ValueError("the plain loop trains with plain SGD on the mean NLL, as the course does")
     torch.manual_seed(cfg.seed)
@@ -154,6 +155,8 @@ def plain_loop(cfg, train_ids: torch.Tensor, ntoken: int, steps: int, warmup: in
     for batch, i in enumerate(range(0, (warmup + steps) * bptt, bptt)):
         if batch == warmup:
             sync(device)
+            if at_start:
+                at_start()
             start = clock()
         data, targets = get_batch(train_data, i, bptt)
         model.zero_grad()

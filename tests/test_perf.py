@@ -131,6 +131,18 @@ def test_plain_loop_and_project_give_the_same_losses(real_data, tmp_path):
     assert plain[-1] < plain[0]  # and it learns
 
 
+def test_step_profile_splits_each_loops_step_into_parts_that_add_up(real_data, monkeypatch):
+    spec = importlib.util.spec_from_file_location("step_profile", ROOT / "bench" / "step_profile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    monkeypatch.setattr(profile, "STEPS", 5)
+    monkeypatch.setattr(profile, "WARMUP", 2)
+    overrides = ["model.hidden_size=16", f"data.data_dir={real_data}"]
+    for row in (profile.plain(overrides), profile.project(overrides)):
+        assert row["lstm"] > 0 and row["other ops"] > 0 and row["step"] > row["lstm"] + row["other ops"]
+        assert row["lstm"] + row["other ops"] + row["python and loop"] == pytest.approx(row["step"])
+
+
 # --- presets -------------------------------------------------------------------------------------------
 def test_presets_compose_within_their_budgets():
     fast = compose_train("experiment=fast_2x200")
