@@ -3,6 +3,8 @@ the per-epoch text sample in TensorBoard."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 
 import lightning as L
@@ -58,10 +60,36 @@ class History(L.Callback):
 
 
 class SaveOnInterrupt(L.Callback):
-    """Ctrl-C (SIGINT) or SIGTERM: write last.ckpt before exiting and say how to resume."""
+    """Ctrl-C (SIGINT) or SIGTERM: write last.ckpt before exiting and say how to resume.
+
+    During fit, Ctrl-C only raises a flag that the next batch turns into KeyboardInterrupt, as Lightning
+    does with SIGTERM: raised at any other moment, it can land inside the TensorBoard writer's queue or a
+    file write and leave the shutdown waiting forever. A second Ctrl-C interrupts at once.
+    """
 
     def __init__(self, path: str, resume_hint: str = "python train.py ...") -> None:
         self.path, self.resume_hint = path, resume_hint
+        self.requested, self.previous = False, None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self.requested, self.previous = False, signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def _stop_if_requested(self, *args) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_validation_batch_end = _stop_if_requested
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
