@@ -118,6 +118,23 @@ def test_interrupt_saves_last_checkpoint_and_says_how_to_resume(sig, long_data, 
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
 
 
+def test_ctrl_c_stops_at_the_next_batch_and_a_second_one_at_once():
+    from charlm.callbacks import SaveOnInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    callback = SaveOnInterrupt("unused")
+    callback.setup(None, None, "fit")
+    try:
+        signal.raise_signal(signal.SIGINT)  # the first: no exception here, wherever the code is
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_train_batch_end(None, None, None, None, 0)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # the second: at once
+    finally:
+        callback.teardown(None, None, "fit")
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_same_seed_gives_identical_metrics(tiny_data, tmp_path):
     runs = []
     for name in ("a", "b"):
