@@ -11,16 +11,10 @@ to where the time goes, and throughput.py (no profiler) the measure of how fast 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import hydra
 import lightning as L
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,60 +24,52 @@ STEPS, WARMUP = 100, 20
 LSTM_KERNELS = ("rnn", "lstm")  # aten::mkldnn_rnn_layer(_backward), aten::_cudnn_rnn(_backward), ...
 
 
-def split(prof, wall: float, steps: int) -> dict[str, float]:
-    """ms per step: LSTM kernels, other torch ops, the rest (self times of the ops; their sum is the ops' time)."""
+def split(prof, cfg, chars_per_sec: float) -> dict[str, float]:
+    """ms per step: the whole step, the LSTM kernels, other torch ops (the self times of the ops), the rest."""
+    step = cfg.data.batch_size * cfg.data.seq_len / chars_per_sec * 1e3
     lstm = other = 0.0
     for e in prof.key_averages():
         if not e.key.startswith("aten::"):
             continue
         if any(k in e.key for k in LSTM_KERNELS):
-            lstm += e.self_cpu_time_total
+            lstm += e.self_cpu_time_total / 1e3 / STEPS
         else:
-            other += e.self_cpu_time_total
-    lstm, other = lstm / 1e3 / steps, other / 1e3 / steps
-    return {"step": wall / steps * 1e3, "lstm": lstm, "other ops": other, "python and loop": wall / steps * 1e3 - lstm - other}
+            other += e.self_cpu_time_total / 1e3 / STEPS
+    return {"step": step, "lstm": lstm, "other ops": other, "python and loop": step - lstm - other}
 
 
 class Profile(L.Callback):
-    """Profiles the steps after WARMUP, from the batch-end hook before the first to the last one's."""
+    """Profiles the timed steps: from the batch end where throughput.py's clock starts to the epoch's end."""
 
     def __init__(self) -> None:
-        self.prof, self.start, self.wall = profile(activities=[ProfilerActivity.CPU]), None, 0.0
+        self.prof = profile(activities=[ProfilerActivity.CPU])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == WARMUP - 1:
             self.prof.__enter__()
-            self.start = time.perf_counter()
-        elif batch_idx == WARMUP + STEPS - 1:
-            self.wall = time.perf_counter() - self.start
-            self.prof.__exit__(None, None, None)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.prof.__exit__(None, None, None)
 
 
 def project(overrides: list[str]) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = bench.compose_config([*overrides, *bench.BENCH, f"trainer.limit_train_batches={WARMUP + STEPS}"], run_dir)
-        prof = Profile()
-        datamodule, model, trainer = bench.build(cfg, extra_callbacks=[prof])
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            trainer.fit(model, datamodule=datamodule)
-    return split(prof.prof, prof.wall, STEPS)
+    callback = Profile()
+    chars_per_sec = bench.run_project(overrides, STEPS, WARMUP, "cpu", callbacks=[callback])
+    return split(callback.prof, bench.compose_config(overrides, "unused"), chars_per_sec)
 
 
 def plain(overrides: list[str]) -> dict[str, float]:
     cfg = bench.compose_config(overrides, "unused")
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
     prof = profile(activities=[ProfilerActivity.CPU])
-    chars_per_sec, _ = bench.plain_loop(cfg, datamodule.ids["train"], len(datamodule.vocab), STEPS, WARMUP,
-                                        at_start=prof.__enter__)
+    ntoken, train_ids = bench.train_split(cfg)
+    chars_per_sec, _ = bench.plain_loop(cfg, train_ids, ntoken, STEPS, WARMUP, at_start=prof.__enter__)
     prof.__exit__(None, None, None)
-    return split(prof, STEPS * cfg.data.batch_size * cfg.data.seq_len / chars_per_sec, STEPS)
+    return split(prof, cfg, chars_per_sec)
 
 
 def main() -> None:
     overrides = sys.argv[1:]
-    rows = {"plain": plain([o for o in overrides if "precision" not in o]), "project": project(overrides)}
+    rows = {"plain": plain(overrides), "project": project(overrides)}
     cols = list(rows["plain"])
     print(f"ms per step, {STEPS} steps after {WARMUP} ({' '.join(overrides) or 'the course configuration'}):")
     print(f"{'':10}" + "".join(f"{c:>17}" for c in cols))

@@ -83,14 +83,15 @@ class StepClock(L.Callback):
             self.chars, self.end = self.chars + batch[1].numel(), clock()
 
 
-def run_project(overrides: list[str], steps: int, warmup: int, device: str) -> float:
-    """Characters per second of `python train.py overrides` over `steps` steps after `warmup`."""
+def run_project(overrides: list[str], steps: int, warmup: int, device: str, callbacks: list = ()) -> float:
+    """Characters per second of `python train.py overrides` over `steps` steps after `warmup`; `callbacks`
+    run before the clock's at each batch end (bench/step_profile.py starts its profiler there)."""
     accelerator = "gpu" if device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_config([*overrides, *BENCH, f"trainer.accelerator={accelerator}",
                               f"trainer.limit_train_batches={warmup + steps}"], run_dir)
         timer = StepClock(warmup, device)
-        datamodule, model, trainer = build(cfg, extra_callbacks=[timer])
+        datamodule, model, trainer = build(cfg, extra_callbacks=[*callbacks, timer])
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
             trainer.fit(model, datamodule=datamodule)
     return timer.chars / (timer.end - timer.start)
@@ -203,13 +204,18 @@ def flops_per_char(cfg, ntoken: int) -> float:
 
 
 # --- the benchmark ---------------------------------------------------------------------------------
-def bench_config(name: str, overrides: list[str], steps: int, warmup: int, rounds: int, best: list[str],
-                 device: str) -> dict:
-    cfg = compose_config(overrides, "unused")
+def train_split(cfg) -> tuple[int, torch.Tensor]:
+    """The vocabulary size and the training split's ids, loaded by the project's data module."""
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    ntoken, train_ids = len(datamodule.vocab), datamodule.ids["train"]
+    return len(datamodule.vocab), datamodule.ids["train"]
+
+
+def bench_config(name: str, overrides: list[str], steps: int, warmup: int, rounds: int, best: list[str],
+                 device: str) -> dict:
+    cfg = compose_config(overrides, "unused")
+    ntoken, train_ids = train_split(cfg)
     runs = {
         "plain": lambda: plain_loop(cfg, train_ids, ntoken, steps, warmup, device)[0],
         "project": lambda: run_project(overrides, steps, warmup, device),
