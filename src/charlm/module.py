@@ -166,7 +166,9 @@ class LanguageModel(L.LightningModule):
 
     # --- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt = hydra.utils.instantiate(self.hparams.optimizer, params=self.parameters())
+        cfg = dict(self.hparams.optimizer)
+        named = cfg.pop("named_parameters", False)  # an optimiser that treats layers apart (charlm.optim.MuonAdamW)
+        opt = hydra.utils.instantiate(cfg, params=self.named_parameters() if named else self.parameters())
         if not self.hparams.scheduler:
             return opt
         cfg = dict(self.hparams.scheduler)

@@ -1,0 +1,74 @@
+"""MuonAdamW: which parameters each part takes, one schedule for both, its state through a checkpoint."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from charlm.module import LanguageModel
+from charlm.optim import MuonAdamW
+
+ONE_CYCLE = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "interval": "step", "max_lr": 0.03,
+             "total_steps": 100, "cycle_momentum": False}
+
+
+def model(**optimizer):
+    torch.manual_seed(0)
+    return LanguageModel(vocab=list("abcdefgh"), hidden_size=16, num_layers=2, dropout=0.0, scheduler=ONE_CYCLE,
+                         optimizer={"_target_": "charlm.optim.MuonAdamW", "named_parameters": True, "lr": 0.03,
+                                    **optimizer})
+
+
+def train(m, steps: int):
+    setup = m.configure_optimizers()
+    opt, sched = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    x = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 6, 5, 4, 3, 2, 1] * 4).view(2, -1)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(m(x[:, :-1])[0].flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return opt, losses
+
+
+def test_lstm_matrices_go_to_muon_and_the_rest_to_adamw():
+    m = model()
+    opt = m.configure_optimizers()["optimizer"]
+    muon, adamw = opt.parts
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert sorted(names[id(p)] for p in muon.param_groups[0]["params"]) == sorted(
+        n for n, p in m.named_parameters() if ".lstm.weight" in n)
+    assert {names[id(p)] for p in adamw.param_groups[0]["params"]} >= {"net.embed.weight", "net.decoder.weight",
+                                                                       "net.lstm.bias_ih_l0"}
+
+
+def test_one_schedule_drives_both_parts_and_the_model_learns():
+    opt, _ = train(model(), 15)
+    lrs = [part.param_groups[0]["lr"] for part in opt.parts]
+    assert lrs[0] == lrs[1] and 0.003 < lrs[0] < 0.03  # warming up: between the cycle's start and its peak
+    _, losses = train(model(), 100)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_state_round_trips_and_resumes_identically():
+    m1 = model()
+    opt1, _ = train(m1, 5)
+    m2 = model()
+    m2.load_state_dict(m1.state_dict())
+    opt2 = m2.configure_optimizers()["optimizer"]
+    opt2.load_state_dict(opt1.state_dict())
+    for a, b in zip(opt1.parts, opt2.parts):
+        sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+        assert sa.keys() == sb.keys() and all(
+            torch.equal(sa[k][f], sb[k][f]) for k in sa for f in sa[k] if torch.is_tensor(sa[k][f]))
+
+
+def test_unnamed_parameters_or_no_matrix_are_refused():
+    net = torch.nn.LSTM(4, 4)
+    with pytest.raises(TypeError, match="named_parameters"):
+        MuonAdamW(net.parameters())
+    with pytest.raises(ValueError, match="no 2-D parameter"):
+        MuonAdamW(torch.nn.Linear(3, 3).named_parameters())
