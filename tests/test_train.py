@@ -54,9 +54,10 @@ def test_train_subprocess_writes_metrics_tensorboard_and_checkpoints(real_data, 
     assert "valid" in proc.stdout and "ppl56" in proc.stdout  # the final table
 
 
-def test_resume_from_checkpoint_continues_training(tiny_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])  # muon: two optimisers' states in one checkpoint
+def test_resume_from_checkpoint_continues_training(optimizer, tiny_data, tmp_path):
     first = tmp_path / "first"
-    common = ("data.batch_size=4", "data.eval_batch_size=2", "model.hidden_size=16", *FAST)
+    common = ("data.batch_size=4", "data.eval_batch_size=2", "model.hidden_size=16", f"optimizer={optimizer}", *FAST)
     assert run_train(f"hydra.run.dir={first}", "trainer.max_epochs=1", *common, data_dir=tiny_data).returncode == 0
     second = tmp_path / "second"
     proc = run_train(f"hydra.run.dir={second}", "trainer.max_epochs=2", *common,
