@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -141,6 +142,25 @@ def test_step_profile_splits_each_loops_step_into_parts_that_add_up(real_data, m
     for row in (profile.plain(overrides), profile.project(overrides)):
         assert row["lstm"] > 0 and row["other ops"] > 0 and row["step"] > row["lstm"] + row["other ops"]
         assert row["lstm"] + row["other ops"] + row["python and loop"] == pytest.approx(row["step"])
+
+
+def test_manual_tbptt_probe_trains_exactly_as_the_project(real_data):
+    """bench/manual_tbptt.py measures only speed: K windows per training_step give the project's weights."""
+    spec = importlib.util.spec_from_file_location("manual_tbptt", ROOT / "bench" / "manual_tbptt.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+
+    class Keep(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            self.weights = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+
+    overrides = ["model.hidden_size=16", f"data.data_dir={real_data}"]
+    project, manual = Keep(), Keep()
+    probe.bench.run_project(overrides, 4, 2, "cpu", callbacks=[project])  # 6 steps of one window
+    probe.run_manual(overrides, 2, 4, 2, callbacks=[manual])  # 3 training_steps of two windows
+    assert project.weights.keys() == manual.weights.keys()
+    for k in project.weights:
+        torch.testing.assert_close(manual.weights[k], project.weights[k], rtol=1e-5, atol=1e-6)
 
 
 # --- presets -------------------------------------------------------------------------------------------
