@@ -13,12 +13,9 @@ Same alternation and ratio (median over rounds of variant / plain) as bench/thro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -52,22 +49,19 @@ class ManualTBPTT(LanguageModel):
 
 
 def run_manual(overrides: list[str], windows: int, steps: int, warmup: int, callbacks: list = ()) -> float:
-    """Characters per second of `steps` windows after `warmup`, K = `windows` per training_step."""
-    cfg0 = bench.compose_config(overrides, "unused")
-    batches, warm = steps // windows, max(1, warmup // windows)
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = bench.compose_config([*overrides, f"data.seq_len={cfg0.data.seq_len * windows}",
-                                    "trainer.gradient_clip_val=null", *bench.BENCH,
-                                    f"trainer.limit_train_batches={batches + warm}"], run_dir)
-        timer = bench.StepClock(warm, "cpu")
-        datamodule, model, trainer = bench.build(cfg, extra_callbacks=[*callbacks, timer])
+    """Characters per second of `steps` windows after `warmup`, K = `windows` per training_step: the project's
+    run (bench/throughput.py) with K-times-longer batches, fitting ManualTBPTT instead of its module."""
+    cfg = bench.compose_config(overrides, "unused")
+
+    def manual(model: LanguageModel) -> ManualTBPTT:
         rng = torch.get_rng_state()  # the same weights and, from here on, the same dropout masks as the project
-        manual = ManualTBPTT(windows, cfg0.trainer.gradient_clip_val, **model.hparams)
-        manual.load_state_dict(model.state_dict())
+        module = ManualTBPTT(windows, cfg.trainer.gradient_clip_val, **model.hparams)
+        module.load_state_dict(model.state_dict())
         torch.set_rng_state(rng)
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            trainer.fit(manual, datamodule=datamodule)
-    return timer.chars / (timer.end - timer.start)
+        return module
+
+    return bench.run_project([*overrides, f"data.seq_len={cfg.data.seq_len * windows}", "trainer.gradient_clip_val=null"],
+                             steps // windows, max(1, warmup // windows), "cpu", callbacks, module=manual)
 
 
 def main() -> None:
@@ -85,17 +79,9 @@ def main() -> None:
             "project": lambda: bench.run_project(args.overrides, args.steps, 20, "cpu")}
     for k in args.windows:
         runs[f"manual K={k}"] = lambda k=k: run_manual(args.overrides, k, args.steps, 20)
-    cps: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(args.rounds):
-        names = list(runs)
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            torch.set_num_threads(bench.DEFAULT_THREADS)
-            torch.set_flush_denormal(False)
-            cps[name].append(runs[name]())
-        print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {cps[n][-1]:,.0f}" for n in runs), flush=True)
+    cps = bench.alternate(runs, args.rounds, "course" if not args.overrides else " ".join(args.overrides))
     for name in runs:
-        ratio = statistics.median(a / b for a, b in zip(cps[name], cps["plain"]))
-        print(f"{name:14s} {statistics.median(cps[name]):10,.0f} chars/s   / plain {ratio:.2f}")
+        print(f"{name:14s} {statistics.median(cps[name]):10,.0f} chars/s   / plain {bench.ratio_to_plain(cps, name):.2f}")
 
 
 if __name__ == "__main__":

@@ -83,15 +83,19 @@ class StepClock(L.Callback):
             self.chars, self.end = self.chars + batch[1].numel(), clock()
 
 
-def run_project(overrides: list[str], steps: int, warmup: int, device: str, callbacks: list = ()) -> float:
+def run_project(overrides: list[str], steps: int, warmup: int, device: str, callbacks: list = (),
+                module=None) -> float:
     """Characters per second of `python train.py overrides` over `steps` steps after `warmup`; `callbacks`
-    run before the clock's at each batch end (bench/step_profile.py starts its profiler there)."""
+    run before the clock's at each batch end (bench/step_profile.py starts its profiler there); `module`,
+    if given, makes the LightningModule to fit from the project's (bench/manual_tbptt.py)."""
     accelerator = "gpu" if device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_config([*overrides, *BENCH, f"trainer.accelerator={accelerator}",
                               f"trainer.limit_train_batches={warmup + steps}"], run_dir)
         timer = StepClock(warmup, device)
         datamodule, model, trainer = build(cfg, extra_callbacks=[*callbacks, timer])
+        if module is not None:
+            model = module(model)
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
             trainer.fit(model, datamodule=datamodule)
     return timer.chars / (timer.end - timer.start)
@@ -212,6 +216,24 @@ def train_split(cfg) -> tuple[int, torch.Tensor]:
     return len(datamodule.vocab), datamodule.ids["train"]
 
 
+def alternate(runs: dict, rounds: int, label: str) -> dict[str, list[float]]:
+    """Characters per second of each variant in each round; the order rotates, so no variant always runs first."""
+    cps: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(rounds):
+        names = list(runs)
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            torch.set_num_threads(DEFAULT_THREADS)  # the project's cpu.* settings must not leak into
+            torch.set_flush_denormal(False)         # the plain loop, which runs with torch's defaults
+            cps[k].append(runs[k]())
+        print(f"  {label} round {r + 1}/{rounds}: " + "  ".join(f"{k} {cps[k][-1]:,.0f}" for k in runs), flush=True)
+    return cps
+
+
+def ratio_to_plain(cps: dict[str, list[float]], variant: str) -> float:
+    """The median over rounds of variant / plain measured in the same round."""
+    return statistics.median(a / b for a, b in zip(cps[variant], cps["plain"]))
+
+
 def bench_config(name: str, overrides: list[str], steps: int, warmup: int, rounds: int, best: list[str],
                  device: str) -> dict:
     cfg = compose_config(overrides, "unused")
@@ -221,15 +243,8 @@ def bench_config(name: str, overrides: list[str], steps: int, warmup: int, round
         "project": lambda: run_project(overrides, steps, warmup, device),
         "best": lambda: run_project([*overrides, *best], steps, warmup, device),
     }
-    cps: dict[str, list[float]] = {k: [] for k in runs}
-    for r in range(rounds):
-        order = list(runs)[r % 3:] + list(runs)[:r % 3]  # rotate, so no variant always runs first
-        for k in order:
-            torch.set_num_threads(DEFAULT_THREADS)  # the project's cpu.* settings must not leak into
-            torch.set_flush_denormal(False)         # the plain loop, which runs with torch's defaults
-            cps[k].append(runs[k]())
-        print(f"  {name} round {r + 1}/{rounds}: " + "  ".join(f"{k} {cps[k][-1]:,.0f}" for k in runs), flush=True)
-    ratio = {k: statistics.median(a / b for a, b in zip(cps[k], cps["plain"])) for k in ("project", "best")}
+    cps = alternate(runs, rounds, name)
+    ratio = {k: ratio_to_plain(cps, k) for k in ("project", "best")}
     return {"name": name, "overrides": overrides, "steps": steps, "warmup": warmup, "rounds": rounds,
             "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
             "model": f"{cfg.model.num_layers}x{cfg.model.hidden_size}", "flops_per_char": flops_per_char(cfg, ntoken),

@@ -11,11 +11,10 @@ ONE_CYCLE = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "interval": "ste
              "total_steps": 100, "cycle_momentum": False}
 
 
-def model(**optimizer):
+def model():
     torch.manual_seed(0)
     return LanguageModel(vocab=list("abcdefgh"), hidden_size=16, num_layers=2, dropout=0.0, scheduler=ONE_CYCLE,
-                         optimizer={"_target_": "charlm.optim.MuonAdamW", "named_parameters": True, "lr": 0.03,
-                                    **optimizer})
+                         optimizer={"_target_": "charlm.optim.MuonAdamW", "named_parameters": True, "lr": 0.03})
 
 
 def train(m, steps: int):
