@@ -4,6 +4,8 @@ two loops, and the presets (they compose, and each trains a few steps on CPU).""
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -191,3 +193,15 @@ def test_preset_trains_a_few_steps_on_cpu(preset, tiny_data, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["steps"] == 3
     assert 0 < metrics["valid"]["bpc"] < 10
+
+
+def test_gpu_script_dry_run_on_cpu_prints_its_table(real_data, tmp_path):
+    """`bench/gpu.sh --cpu`: the GPU call's steps end to end at toy sizes, so the script is ready when a GPU is."""
+    env = dict(os.environ, CHARLM_DATA_DIR=str(real_data), OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = proc.stdout[proc.stdout.index("peak matmul fp32"):]
+    assert "course       2x200" in table and "gpu_best short run: completed, 2 epochs, 6 steps" in table
+    assert "python train.py experiment=gpu_best trainer.max_epochs=" in table.splitlines()[-1]
+    assert json.loads((tmp_path / "gpu_best" / "metrics.json").read_text())["status"] == "completed"
