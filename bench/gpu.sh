@@ -36,7 +36,7 @@ else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA GPU; use --cpu for a dry run')"
   bench=(--device cuda --rounds "${BENCH_ROUNDS:-3}")
   # The preset with its schedule over GPU_BEST_EPOCHS epochs (default 25, 6,550 steps, about 4 minutes
-  # on an H200: 1.29 test bpc there), stopped at GPU_BEST_TIME (default 5 minutes).
+  # on an H200: 1.28 test bpc there with the preset), stopped at GPU_BEST_TIME (default 5 minutes).
   run=(trainer.max_epochs="${GPU_BEST_EPOCHS:-25}" trainer.max_time="${GPU_BEST_TIME:-00:00:05:00}")
 fi
 
