@@ -1,11 +1,13 @@
-"""MuonAdamW: which parameters each part takes, one schedule for both, its state through a checkpoint."""
+"""MuonAdamW: which parameters each part takes, one schedule for both, its state through a checkpoint; the
+CPU gradient clipping."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from charlm.module import LanguageModel
-from charlm.optim import MuonAdamW
+from charlm.model import LSTMLM
+from charlm.optim import MuonAdamW, clip_grad_norm
 
 ONE_CYCLE = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "interval": "step", "max_lr": 0.03,
              "total_steps": 100, "cycle_momentum": False}
@@ -71,3 +73,26 @@ def test_unnamed_parameters_or_no_matrix_are_refused():
         MuonAdamW(net.parameters())
     with pytest.raises(ValueError, match="no 2-D parameter"):
         MuonAdamW(torch.nn.Linear(3, 3).named_parameters())
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_cpu_gradient_clipping_matches_torch(max_norm):
+    """charlm.optim.clip_grad_norm (the module's clipping) gives torch's norm and clipped gradients."""
+    torch.manual_seed(0)
+    nets = [LSTMLM(11, 16, 2, dropout=0.0) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randint(0, 11, (3, 5))
+    for net in nets:
+        net(x)[0].pow(2).mean().backward()
+    norm = clip_grad_norm(nets[0].parameters(), max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(nets[1].parameters(), max_norm)
+    torch.testing.assert_close(norm, expected)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_cpu_gradient_clipping_passes_a_non_finite_norm_on():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert not torch.isfinite(clip_grad_norm([p], 1.0))
+    assert not torch.isfinite(p.grad).all()  # as torch's: the divergence check then stops the run

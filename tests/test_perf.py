@@ -15,7 +15,7 @@ from torch import nn
 
 from charlm import cache, config
 from charlm.data import PTBDataModule
-from charlm.model import LSTMLM
+from charlm.model import LSTMLM, dropout
 from conftest import FAST, ROOT, run_train, write_tiny_ptb
 
 
@@ -92,22 +92,64 @@ def test_cache_can_be_turned_off(tiny_data, user_cache):
     assert not (tiny_data / "ptb.char.ids.pt").exists() and not user_cache.exists()
 
 
-# --- the model's layout ------------------------------------------------------------------------------
-def test_time_major_model_draws_the_same_dropout_masks_as_batch_first():
-    """The network runs time-major inside; with a seed it must give what the batch_first layout gave."""
-    torch.manual_seed(0)
-    net = LSTMLM(11, 16, 2, dropout=0.3).train()
-    ref = nn.LSTM(16, 16, 2, dropout=0.3, batch_first=True)
+# --- the model's layout and its CPU dropout ----------------------------------------------------------
+def test_time_major_model_equals_batch_first_lstm_without_dropout():
+    """The network runs time-major inside; its API and results are those of a batch_first LSTM."""
+    net = LSTMLM(11, 16, 2, dropout=0.3).eval()
+    ref = nn.LSTM(16, 16, 2, batch_first=True)
     ref.load_state_dict(net.lstm.state_dict())
     x = torch.randint(0, 11, (4, 7))
-    torch.manual_seed(1)
     logits, (h, c) = net(x)
-    torch.manual_seed(1)
-    out, (h_ref, c_ref) = ref(net.drop(net.embed(x)))
-    expected = net.decoder(net.drop(out))
+    out, (h_ref, c_ref) = ref(net.embed(x))
     assert logits.shape == (4, 7, 11)
-    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(logits, net.decoder(out))
     torch.testing.assert_close((h, c), (h_ref, c_ref))
+
+
+def test_training_runs_layer_by_layer_with_the_projects_dropout_between():
+    """On CPU in training the layers run one at a time with charlm's dropout between (same parameters);
+    with a seed, the masks come in the order embedding, between layers, output."""
+    torch.manual_seed(0)
+    net = LSTMLM(11, 16, 2, dropout=0.3).train()
+    layers = [nn.LSTM(16, 16, 1) for _ in range(2)]
+    for k, layer in enumerate(layers):
+        layer.load_state_dict({n.replace(f"_l{k}", "_l0"): v for n, v in net.lstm.state_dict().items()
+                               if n.endswith(f"_l{k}")})
+    x, h0, c0 = torch.randint(0, 11, (4, 7)), torch.randn(2, 4, 16), torch.randn(2, 4, 16)
+    torch.manual_seed(1)
+    logits, (h, c) = net(x, (h0, c0))
+    torch.manual_seed(1)
+    out = dropout(net.embed(x), 0.3).transpose(0, 1)
+    out, (h1, c1) = layers[0](out, (h0[:1], c0[:1]))
+    out, (h2, c2) = layers[1](dropout(out, 0.3), (h0[1:], c0[1:]))
+    torch.testing.assert_close(logits, net.decoder(dropout(out, 0.3)).transpose(0, 1))
+    torch.testing.assert_close((h, c), (torch.cat([h1, h2]), torch.cat([c1, c2])))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_cpu_dropout_drops_p_and_keeps_the_expectation(p):
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.005  # 400k draws: the standard error is under 0.001
+    assert abs(y.mean().item() - 1) < 0.01
+    assert torch.all((y == 0) | torch.isclose(y, torch.tensor(1 / (1 - p)), rtol=1e-4))
+    y.sum().backward()  # the gradient passes the kept elements, scaled as they were
+    torch.testing.assert_close(x.grad, y.detach())
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, p), y)  # a seed gives the same mask
+    assert not torch.equal(dropout(x, p), y)  # and the generator moves on
+    # the masks of neighbouring elements are independent: no pattern in the four per 64-bit draw
+    kept = (y != 0).float().view(-1, 4)
+    assert torch.corrcoef(kept.t()).fill_diagonal_(0).abs().max() < 0.01
+
+
+def test_cpu_dropout_is_the_identity_when_off_and_keeps_the_dtype():
+    x = torch.randn(3, 5)
+    assert dropout(x, 0.2, training=False) is x and torch.equal(dropout(x, 0.0), x)
+    assert dropout(x.bfloat16(), 0.5).dtype == torch.bfloat16
+    assert dropout(torch.ones(7), 0.5).shape == (7,)  # sizes that are not a multiple of four
 
 
 # --- the benchmark's two loops train the same thing ----------------------------------------------------

@@ -15,6 +15,7 @@ from torchmetrics import Metric
 from charlm import metrics
 from charlm.errors import CharlmError
 from charlm.model import LSTMLM, State, detach
+from charlm.optim import clip_grad_norm
 
 
 def _plain(cfg: Any) -> Any:
@@ -46,8 +47,8 @@ class TokenNLL(Metric):
         self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, mean_nll: torch.Tensor, symbols: int) -> None:
-        self.total += mean_nll.detach().double() * symbols
-        self.count += symbols
+        self.total.add_(mean_nll.detach().double(), alpha=symbols)  # in place: no Module.__setattr__ a step
+        self.count.add_(symbols)
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count
@@ -83,13 +84,22 @@ class LanguageModel(L.LightningModule):
         self.best_valid = math.inf  # of the headline figure
         self.results: dict[str, dict[str, float]] = {}  # the last full-precision metrics of each split
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets _current_fx_name before and after every hook it calls, some 50 times a training
+        # step; nn.Module.__setattr__ spends a microsecond on each looking for parameters and buffers.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         return self.net(x, state)
 
     def _nll(self, batch: tuple[torch.Tensor, torch.Tensor], state: State | None) -> tuple[torch.Tensor, State]:
         x, y = batch
         logits, state = self.net(x, state)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), state
+        # the logits are a (batch, time) view of time-major memory: read in place, time-major, as are the targets
+        return F.cross_entropy(logits.transpose(0, 1).flatten(0, 1).float(), y.t().flatten()), state
 
     # --- training -------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -121,7 +131,7 @@ class LanguageModel(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm as the trainer asks, and log the norm the clipping measured anyway."""
         if gradient_clip_val:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            norm = clip_grad_norm([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
             if self._logging_step():
                 self.log("train/grad_norm", norm)
 
