@@ -11,11 +11,13 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.profilers import SimpleProfiler
 from torch import nn
 
 from charlm import cache, config
 from charlm.data import PTBDataModule
 from charlm.model import LSTMLM, dropout
+from charlm.train import NoProfiler, build
 from conftest import FAST, ROOT, run_train, write_tiny_ptb
 
 
@@ -174,6 +176,15 @@ def test_plain_loop_and_project_give_the_same_losses(real_data, tmp_path):
     assert len(plain) == len(Losses.values) == steps
     torch.testing.assert_close(torch.tensor(Losses.values), torch.tensor(plain), rtol=1e-5, atol=1e-5)
     assert plain[-1] < plain[0]  # and it learns
+
+
+@pytest.mark.parametrize("override, kind", [(None, NoProfiler), ("trainer.profiler=simple", SimpleProfiler)])
+def test_the_default_profiler_is_free_and_a_real_one_can_be_asked_for(tiny_data, tmp_path, override, kind):
+    cfg = compose_train(f"data.data_dir={tiny_data}", f"run_dir={tmp_path}", *filter(None, [override]))
+    trainer = build(cfg)[2]
+    assert type(trainer.profiler) is kind
+    with trainer.profiler.profile("a hook"):
+        pass
 
 
 def test_step_profile_splits_each_loops_step_into_parts_that_add_up(real_data, monkeypatch):

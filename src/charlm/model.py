@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import _VF, nn
+from torch import nn
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -62,12 +62,12 @@ class LSTMLM(nn.Module):
             zeros = x.new_zeros(lstm.num_layers, x.size(1), lstm.hidden_size)
             state = (zeros, zeros)
         hs, cs = [], []
-        for layer in range(lstm.num_layers):
+        for layer, weights in enumerate(lstm.all_weights):
             if layer:
                 x = self.drop(x)
-            weights = lstm._flat_weights[4 * layer:4 * layer + 4]
-            x, h, c = _VF.lstm(x, (state[0][layer:layer + 1], state[1][layer:layer + 1]), weights,
-                               True, 1, 0.0, True, False, False)
+            x, h, c = torch.lstm(x, (state[0][layer:layer + 1], state[1][layer:layer + 1]), weights,
+                                 has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
+                                 batch_first=False)
             hs.append(h)
             cs.append(c)
         return x, (torch.cat(hs), torch.cat(cs))
