@@ -121,7 +121,7 @@ def test_training_runs_layer_by_layer_with_the_projects_dropout_between():
     torch.manual_seed(1)
     logits, (h, c) = net(x, (h0, c0))
     torch.manual_seed(1)
-    out = dropout(net.embed(x), 0.3).transpose(0, 1)
+    out = dropout(net.embed(x.t()), 0.3)
     out, (h1, c1) = layers[0](out, (h0[:1], c0[:1]))
     out, (h2, c2) = layers[1](dropout(out, 0.3), (h0[1:], c0[1:]))
     torch.testing.assert_close(logits, net.decoder(dropout(out, 0.3)).transpose(0, 1))

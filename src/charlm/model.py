@@ -33,7 +33,7 @@ class LSTMLM(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int = 200, num_layers: int = 2,
                  dropout: float = 0.2, init_range: float = 0.1):
         super().__init__()
-        self.p = dropout
+        self.dropout_p = dropout
         self.embed = nn.Embedding(vocab_size, hidden_size)
         self.lstm = nn.LSTM(hidden_size, hidden_size, num_layers, dropout=dropout if num_layers > 1 else 0.0)
         self.decoder = nn.Linear(hidden_size, vocab_size)
@@ -41,15 +41,15 @@ class LSTMLM(nn.Module):
             nn.init.uniform_(p, -init_range, init_range)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+        return dropout(x, self.dropout_p, self.training)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """x: (batch, time) symbol ids -> logits (batch, time, vocab) and the state after the last step.
 
-        Inside, the LSTM and the decoder run time-major, as the fused LSTM kernels lay their data out
-        (about 5% faster on CPU than batch_first, which copies on the way in and out).
+        Inside, the network runs time-major from the embedding on, as the fused LSTM kernels lay their data
+        out (about 5% faster on CPU than batch_first, which copies on the way in and out).
         """
-        out, state = self._lstm(self.drop(self.embed(x)).transpose(0, 1), state)
+        out, state = self._lstm(self.drop(self.embed(x.t())), state)
         return self.decoder(self.drop(out)).transpose(0, 1), state
 
     def _lstm(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
