@@ -13,7 +13,7 @@ MASK_LEVELS = 1 << 16  # a CPU dropout mask element is 16 random bits
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Inverted dropout, as F.dropout. On CPU the mask takes 16 random bits an element, four elements per
-    64-bit draw of torch's generator, where F.dropout's bernoulli_ draws one an element: about 3x faster,
+    64-bit draw of torch's generator, where F.dropout's bernoulli_ draws one an element: 2-3x faster,
     and at the course's size F.dropout's three calls were a tenth of a training step. p is rounded to a
     multiple of 1/65536 (0.2 -> 0.200003) and the kept values are scaled by the inverse of the rounded
     keep rate, so the expected output is still x."""
