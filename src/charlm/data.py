@@ -64,18 +64,20 @@ class BPTTWindows(Dataset):
     """
 
     def __init__(self, streams: torch.Tensor, seq_len: int, rows: slice = slice(None)):
-        self.streams = streams[rows]
+        # kept time-major, (steps, streams), as the network reads them: a window is one contiguous block,
+        # handed out as a (batch, time) view of it
+        self.steps = streams[rows].t().contiguous()
         self.seq_len = seq_len
 
     def __len__(self) -> int:
-        return -(-(self.streams.size(1) - 1) // self.seq_len)
+        return -(-(self.steps.size(0) - 1) // self.seq_len)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(i)
         start = i * self.seq_len
-        end = min(start + self.seq_len, self.streams.size(1) - 1)
-        return self.streams[:, start:end], self.streams[:, start + 1 : end + 1]
+        end = min(start + self.seq_len, self.steps.size(0) - 1)
+        return self.steps[start:end].t(), self.steps[start + 1 : end + 1].t()
 
 
 class WindowLoader:
