@@ -108,8 +108,7 @@ class Model:
         self._cells, self._table, self._table_key = None, None, None
         if (isinstance(lstm, nn.LSTM) and isinstance(net.embed, nn.Embedding) and lstm.bias
                 and not lstm.proj_size and not lstm.bidirectional):
-            self._cells = [tuple(getattr(lstm, f"{w}_l{k}") for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                           for k in range(lstm.num_layers)]
+            self._cells = [tuple(weights) for weights in lstm.all_weights]  # (w_ih, w_hh, b_ih, b_hh) per layer
 
     @property
     def device(self) -> torch.device:
