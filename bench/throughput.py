@@ -8,7 +8,8 @@ Trainer built by charlm.train.build (TensorBoard logging, progress bar, clipping
 between the batch-end hooks of its steps. "plain" is the training loop of pytorch/examples'
 word_language_model (batchify, get_batch slices, repackage_hidden, clip_grad_norm_, a manual SGD step,
 loss.item() every step) on the same network, initialisation and data order. "best" is the project
-with its best settings (BEST, or --best). The variants alternate within one process, several rounds;
+with its best settings (BEST, or --best). With --module-loop, "module loop" is the project's own data,
+LightningModule, optimiser and clipping stepped by a loop like the plain one: the project without the Trainer. The variants alternate within one process, several rounds;
 each ratio is the median over rounds of variant / plain measured in the same round. Characters per
 second count predicted symbols. The last line is `course_ratio=R1 best_ratio=R2`: the project against
 the plain loop at the course's configuration, and the best settings against the plain loop at 2x512
@@ -36,6 +37,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from charlm.optim import clip_grad_norm
 from charlm.train import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +101,36 @@ def run_project(overrides: list[str], steps: int, warmup: int, device: str, call
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
             trainer.fit(model, datamodule=datamodule)
     return timer.chars / (timer.end - timer.start)
+
+
+# --- the project without the Trainer (--module-loop) --------------------------------------------------
+def module_loop(overrides: list[str], steps: int, warmup: int = 0, device: str = "cpu") -> tuple[float, list[float]]:
+    """Characters per second over `steps` steps after `warmup`, and every step's loss, of the project's own
+    data, LightningModule, optimiser and clipping stepped by a hand-written loop, as the plain loop steps its
+    model. Between the plain loop and the project, it tells the model code's share of the gap from the
+    Trainer's. fp32 only: no precision plugin runs here."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = compose_config([*overrides, *BENCH], run_dir)
+        datamodule, model, _ = build(cfg)
+    model.to(device).train()
+    params = list(model.parameters())
+    optimizer = hydra.utils.instantiate(cfg.optimizer, params=params)
+    losses, chars = [], 0
+    for i, (x, y) in enumerate(datamodule.train_dataloader()):
+        if i == warmup + steps:
+            break
+        if i == warmup:
+            sync(device)
+            start = clock()
+        loss = model.training_step((x.to(device), y.to(device)), i)
+        loss.backward()
+        clip_grad_norm(params, cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        chars += y.numel() if i >= warmup else 0
+    sync(device)
+    return chars / (clock() - start), losses
 
 
 # --- the plain loop, written as pytorch/examples/word_language_model writes it -----------------------
@@ -235,7 +267,7 @@ def ratio_to_plain(cps: dict[str, list[float]], variant: str) -> float:
 
 
 def bench_config(name: str, overrides: list[str], steps: int, warmup: int, rounds: int, best: list[str],
-                 device: str) -> dict:
+                 device: str, with_module_loop: bool = False) -> dict:
     cfg = compose_config(overrides, "unused")
     ntoken, train_ids = train_split(cfg)
     runs = {
@@ -243,13 +275,15 @@ def bench_config(name: str, overrides: list[str], steps: int, warmup: int, round
         "project": lambda: run_project(overrides, steps, warmup, device),
         "best": lambda: run_project([*overrides, *best], steps, warmup, device),
     }
+    if with_module_loop:
+        runs["module loop"] = lambda: module_loop(overrides, steps, warmup, device)[0]
     cps = alternate(runs, rounds, name)
-    ratio = {k: ratio_to_plain(cps, k) for k in ("project", "best")}
+    ratio = {k: ratio_to_plain(cps, k) for k in runs if k != "plain"}
     return {"name": name, "overrides": overrides, "steps": steps, "warmup": warmup, "rounds": rounds,
             "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
             "model": f"{cfg.model.num_layers}x{cfg.model.hidden_size}", "flops_per_char": flops_per_char(cfg, ntoken),
             "chars_per_sec": {k: statistics.median(v) for k, v in cps.items()}, "all_chars_per_sec": cps,
-            "ratio": ratio["project"], "best_ratio": ratio["best"]}
+            "ratio": ratio["project"], "best_ratio": ratio["best"], "module_loop_ratio": ratio.get("module loop")}
 
 
 def table(result: dict) -> str:
@@ -309,6 +343,8 @@ def main() -> None:
     parser.add_argument("--best", nargs="*", default=BEST, help=f"overrides of the best variant (default: {' '.join(BEST)})")
     parser.add_argument("--cpu-time", action="store_true",
                         help="count this process's CPU time, not wall time (steadier on a busy machine)")
+    parser.add_argument("--module-loop", action="store_true",
+                        help="also time the project's module stepped by a hand-written loop, without the Trainer")
     parser.add_argument("--json", type=Path, help="default outputs/bench/throughput-<device>[-quick].json")
     parser.add_argument("--docs", type=Path, help=f"write the table into this file (default {DOCS.relative_to(ROOT)}, "
                                                    "but none with --quick, --steps or --cpu-time)")
@@ -329,7 +365,8 @@ def main() -> None:
     for name in names:
         overrides, steps, warmup = CONFIGS[name]
         steps = args.steps or (max(steps // 2, 5) if args.quick else steps)
-        configs.append(bench_config(name, overrides, steps, max(1, min(warmup, steps)), rounds, args.best, args.device))
+        configs.append(bench_config(name, overrides, steps, max(1, min(warmup, steps)), rounds, args.best, args.device,
+                                    args.module_loop))
     result = {"date": datetime.date.today().isoformat(), "device": args.device, "machine": machine_name(args.device),
               "threads": DEFAULT_THREADS, "torch": torch.__version__, "clock": clock.__name__,
               "command": "python bench/throughput.py " + " ".join(sys.argv[1:]), "best": args.best,
@@ -342,6 +379,9 @@ def main() -> None:
         print(f"table written to {docs}")
     print(f"results: {json_path}")
     print("best / plain: " + ", ".join(f"{c['name']} {c['best_ratio']:.2f}" for c in configs))
+    if args.module_loop:
+        print("module loop / plain (the project's model code without the Trainer): "
+              + ", ".join(f"{c['name']} {c['module_loop_ratio']:.2f}" for c in configs))
     course = next((c for c in configs if c["name"] == "course"), configs[0])
     best = next((c for c in configs if c["name"] == BEST_AT), configs[-1])
     print(f"course_ratio={course['ratio']:.2f} best_ratio={best['best_ratio']:.2f}")

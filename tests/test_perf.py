@@ -155,7 +155,7 @@ def test_cpu_dropout_is_the_identity_when_off_and_keeps_the_dtype():
 
 
 # --- the benchmark's two loops train the same thing ----------------------------------------------------
-def test_plain_loop_and_project_give_the_same_losses(real_data, tmp_path):
+def test_plain_loop_module_loop_and_project_give_the_same_losses(real_data, tmp_path):
     spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -173,8 +173,10 @@ def test_plain_loop_and_project_give_the_same_losses(real_data, tmp_path):
     datamodule, model, trainer = bench.build(cfg, extra_callbacks=[Losses()])
     trainer.fit(model, datamodule=datamodule)
     _, plain = bench.plain_loop(cfg, datamodule.ids["train"], len(datamodule.vocab), steps)
-    assert len(plain) == len(Losses.values) == steps
+    _, module = bench.module_loop(overrides, steps)  # the project's module without the Trainer
+    assert len(plain) == len(module) == len(Losses.values) == steps
     torch.testing.assert_close(torch.tensor(Losses.values), torch.tensor(plain), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(module), torch.tensor(Losses.values), rtol=1e-6, atol=1e-6)
     assert plain[-1] < plain[0]  # and it learns
 
 
