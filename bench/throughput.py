@@ -9,9 +9,11 @@ between the batch-end hooks of its steps. "plain" is the training loop of pytorc
 word_language_model (batchify, get_batch slices, repackage_hidden, clip_grad_norm_, a manual SGD step,
 loss.item() every step) on the same network, initialisation and data order. "best" is the project
 with its best settings (BEST, or --best). With --module-loop, "module loop" is the project's own data,
-LightningModule, optimiser and clipping stepped by a loop like the plain one: the project without the Trainer. The variants alternate within one process, several rounds;
-each ratio is the median over rounds of variant / plain measured in the same round. Characters per
-second count predicted symbols. The last line is `course_ratio=R1 best_ratio=R2`: the project against
+LightningModule, optimiser and clipping stepped by a loop like the plain one: the project without the
+Trainer. Every run is a fresh Python process, as a user's would be, timed after its warm-up steps; the
+variants alternate, several rounds, and each ratio is the median over rounds of variant / plain measured
+in the same round. Characters per second count predicted symbols. The last line is
+`course_ratio=R1 best_ratio=R2`: the project against
 the plain loop at the course's configuration, and the best settings against the plain loop at 2x512
 (BEST_AT; bf16 pays off on matrices larger than the course's; every configuration's is on the line before).
 """
@@ -26,6 +28,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -248,6 +251,29 @@ def train_split(cfg) -> tuple[int, torch.Tensor]:
     return len(datamodule.vocab), datamodule.ids["train"]
 
 
+def measure(variant: str, overrides: list[str], steps: int, warmup: int, device: str) -> float:
+    """Characters per second of one timed run of `variant` (plain, project or module loop) in this process."""
+    if variant == "plain":
+        cfg = compose_config(overrides, "unused")
+        ntoken, train_ids = train_split(cfg)
+        return plain_loop(cfg, train_ids, ntoken, steps, warmup, device)[0]
+    if variant == "module loop":
+        return module_loop(overrides, steps, warmup, device)[0]
+    return run_project(overrides, steps, warmup, device)
+
+
+def isolated(variant: str, overrides: list[str], steps: int, warmup: int, device: str) -> float:
+    """`measure` in a fresh Python process, as `python train.py` or a hand-written script runs: state that
+    one run leaves in a process (the allocator's heap above all) must not carry over into the next. Run
+    side by side in one process, the variants moved each other by up to a third at 2x512."""
+    spec = {"variant": variant, "overrides": overrides, "steps": steps, "warmup": warmup, "device": device,
+            "clock": clock.__name__}
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{variant} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["chars_per_sec"]
+
+
 def alternate(runs: dict, rounds: int, label: str) -> dict[str, list[float]]:
     """Characters per second of each variant in each round; the order rotates, so no variant always runs first."""
     cps: dict[str, list[float]] = {k: [] for k in runs}
@@ -271,12 +297,12 @@ def bench_config(name: str, overrides: list[str], steps: int, warmup: int, round
     cfg = compose_config(overrides, "unused")
     ntoken, train_ids = train_split(cfg)
     runs = {
-        "plain": lambda: plain_loop(cfg, train_ids, ntoken, steps, warmup, device)[0],
-        "project": lambda: run_project(overrides, steps, warmup, device),
-        "best": lambda: run_project([*overrides, *best], steps, warmup, device),
+        "plain": lambda: isolated("plain", overrides, steps, warmup, device),
+        "project": lambda: isolated("project", overrides, steps, warmup, device),
+        "best": lambda: isolated("project", [*overrides, *best], steps, warmup, device),
     }
     if with_module_loop:
-        runs["module loop"] = lambda: module_loop(overrides, steps, warmup, device)[0]
+        runs["module loop"] = lambda: isolated("module loop", overrides, steps, warmup, device)
     cps = alternate(runs, rounds, name)
     ratio = {k: ratio_to_plain(cps, k) for k in runs if k != "plain"}
     return {"name": name, "overrides": overrides, "steps": steps, "warmup": warmup, "rounds": rounds,
@@ -348,11 +374,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="default outputs/bench/throughput-<device>[-quick].json")
     parser.add_argument("--docs", type=Path, help=f"write the table into this file (default {DOCS.relative_to(ROOT)}, "
                                                    "but none with --quick, --steps or --cpu-time)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a single run, for isolated(): JSON in, JSON out
     args = parser.parse_args()
     global clock
     clock = time.process_time if args.cpu_time else time.perf_counter
     for name in ("lightning.pytorch", "lightning.fabric"):  # no "GPU available" lines for every run
         logging.getLogger(name).setLevel(logging.WARNING)
+    if args.one:
+        spec = json.loads(args.one)
+        clock = getattr(time, spec["clock"])
+        cps = measure(spec["variant"], spec["overrides"], spec["steps"], spec["warmup"], spec["device"])
+        print(json.dumps({"chars_per_sec": cps}))
+        return
     rounds = args.rounds or (3 if args.quick else 5)
     names = args.configs or (QUICK_CONFIGS if args.quick else GPU_CONFIGS if args.device == "cuda" else CPU_CONFIGS)
     tag = args.device + ("-quick" if args.quick else "")

@@ -154,6 +154,34 @@ def test_cpu_dropout_is_the_identity_when_off_and_keeps_the_dtype():
     assert dropout(torch.ones(7), 0.5).shape == (7,)  # sizes that are not a multiple of four
 
 
+FAULTS_PER_CYCLE = """
+import resource, sys, torch
+from charlm.train import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def cycle():  # a training step's pattern in small: a few large temporaries, all freed at the end
+    blocks = [torch.ones(2 << 20) for _ in range(3)]
+    del blocks
+cycle()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(30):
+    cycle()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 30)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_freed_memory_is_not_faulted_in_again_each_step():
+    def faults(mode: str) -> float:
+        proc = subprocess.run([sys.executable, "-c", FAULTS_PER_CYCLE, mode], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return float(proc.stdout)
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 500  # glibc hands the 24 MB back and faults it in again, 4 KB a fault
+    assert kept < default / 10
+
+
 # --- the benchmark's two loops train the same thing ----------------------------------------------------
 def test_plain_loop_module_loop_and_project_give_the_same_losses(real_data, tmp_path):
     spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
