@@ -6,8 +6,9 @@ each way, the weight gradients as three large products at the end).
     python bench/lstm_layer.py 100 64 200         # steps, batch, units
     python bench/lstm_layer.py --verbose          # oneDNN's own primitive times for one call of each way
 
-Both run on the same weights and inputs (checked against each other first) and alternate, several rounds;
-the figure is microseconds per forward + backward. --verbose prints oneDNN's log of one forward and one
+Both run on the same weights and inputs (checked against each other first) and alternate, several rounds,
+with the project's allocator setting (cpu.keep_freed_memory); the figure is microseconds per forward +
+backward. --verbose prints oneDNN's log of one forward and one
 backward (primitive, implementation, milliseconds): what the kernel itself takes, against the whole
 op timed here, the rest being PyTorch's glue around it (descriptors, buffers, weight layouts).
 """
@@ -19,6 +20,8 @@ import statistics
 import time
 
 import torch
+
+from charlm.train import keep_freed_memory
 
 
 class HandLSTM(torch.autograd.Function):
@@ -78,6 +81,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="forward + backward calls timed per round")
     parser.add_argument("--verbose", action="store_true", help="oneDNN's log of one call of each way")
     args = parser.parse_args()
+    # as the project trains: without it, whichever layer runs second faults in the pages the first one's
+    # temporaries left the heap with (oneDNN's layer measured 2.6 ms here, 3.7-4.2 ms after the hand one)
+    keep_freed_memory()
     steps, batch, units = args.sizes
     torch.manual_seed(0)
     weights = torch.nn.LSTM(units, units).all_weights[0]

@@ -4,7 +4,7 @@
 
 Lightning 2.x does truncated BPTT with manual optimisation: each `training_step` gets K consecutive BPTT
 windows and steps the optimiser after each, so the framework's per-step cost is paid once per K windows.
-`ManualTBPTT` is that recipe on the project's LanguageModel (the raw optimiser, clip_grad_norm_, the same
+`ManualTBPTT` is that recipe on the project's LanguageModel (the raw optimiser, the project's clipping, the same
 carried state and token-weighted NLL); it is a measurement, not the project's training path: it would
 change what a step, `log_every_n_steps`, `max_steps`, resume points and `trainer.gradient_clip_val` mean.
 Same alternation and ratio (median over rounds of variant / plain) as bench/throughput.py.
@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput as bench  # noqa: E402
 from charlm.model import detach  # noqa: E402
+from charlm.optim import clip_grad_norm  # noqa: E402
 from charlm.module import LanguageModel  # noqa: E402
 
 
@@ -43,7 +44,7 @@ class ManualTBPTT(LanguageModel):
             self.train_state = detach(state)
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.parameters(), self.clip)
+            clip_grad_norm(list(self.parameters()), self.clip)
             opt.step()
             self.nll["train_nll"].update(loss.detach(), y.numel())
 
