@@ -7,7 +7,8 @@ windows and steps the optimiser after each, so the framework's per-step cost is 
 `ManualTBPTT` is that recipe on the project's LanguageModel (the raw optimiser, the project's clipping, the same
 carried state and token-weighted NLL); it is a measurement, not the project's training path: it would
 change what a step, `log_every_n_steps`, `max_steps`, resume points and `trainer.gradient_clip_val` mean.
-Same alternation and ratio (median over rounds of variant / plain) as bench/throughput.py.
+Same alternation and ratio (median over rounds of variant / plain) as bench/throughput.py, but all in
+one process (see docs/performance.md, "One process per run"): compare its figures within a run.
 """
 
 from __future__ import annotations

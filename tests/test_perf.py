@@ -248,6 +248,18 @@ def test_manual_tbptt_probe_trains_exactly_as_the_project(real_data):
         torch.testing.assert_close(manual.weights[k], project.weights[k], rtol=1e-5, atol=1e-6)
 
 
+
+def test_page_fault_probe_counts_the_timed_steps_of_both_loops(real_data, monkeypatch):
+    spec = importlib.util.spec_from_file_location("page_faults", ROOT / "bench" / "page_faults.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    monkeypatch.setattr(probe, "STEPS", 4)
+    monkeypatch.setattr(probe, "WARMUP", 2)
+    overrides = ["model.hidden_size=16", f"data.data_dir={real_data}"]
+    for variant in probe.VARIANTS:
+        row = probe.measure(variant, overrides)
+        assert row["chars_per_sec"] > 0 and row["faults_per_step"] >= 0
+
 # --- presets -------------------------------------------------------------------------------------------
 def test_presets_compose_within_their_budgets():
     fast = compose_train("experiment=fast_2x200")
