@@ -154,39 +154,31 @@ def test_cpu_dropout_is_the_identity_when_off_and_keeps_the_dtype():
     assert dropout(torch.ones(7), 0.5).shape == (7,)  # sizes that are not a multiple of four
 
 
-FAULTS_PER_CYCLE = """
-import resource, sys, torch
-from charlm.train import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
-def cycle():  # a training step's pattern in small: a few large temporaries, all freed at the end
-    blocks = [torch.ones(2 << 20) for _ in range(3)]
-    del blocks
-cycle()
-start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(30):
-    cycle()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 30)
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_kept_freed_memory_is_not_faulted_in_again_each_step():
-    def faults(mode: str) -> float:
-        proc = subprocess.run([sys.executable, "-c", FAULTS_PER_CYCLE, mode], capture_output=True, text=True)
+def test_kept_freed_memory_is_not_faulted_in_again_each_step(real_data):
+    """At 2x512 glibc's defaults fault some 8,000 pages back in every training step (weight gradients,
+    oneDNN's workspaces); with cpu.keep_freed_memory the steps reuse them. Each in a fresh process."""
+    def faults_per_step(variant: str) -> float:
+        spec = json.dumps([variant, ["model.hidden_size=512", f"data.data_dir={real_data}"]])
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "page_faults.py"), "--one", spec],
+                              capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        return float(proc.stdout)
+        return json.loads(proc.stdout.strip().splitlines()[-1])["faults_per_step"]
 
-    default, kept = faults("default"), faults("keep")
-    assert default > 500  # glibc hands the 24 MB back and faults it in again, 4 KB a fault
-    assert kept < default / 10
+    assert faults_per_step("project") < 100 < 1000 < faults_per_step("project, keep_freed_memory off")
+
+
+def load_bench(name: str):
+    """A script of bench/ as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # --- the benchmark's two loops train the same thing ----------------------------------------------------
 def test_plain_loop_module_loop_and_project_give_the_same_losses(real_data, tmp_path):
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("throughput")
     overrides = ["model.dropout=0", "model.hidden_size=32", f"data.data_dir={real_data}"]
     steps = 12
 
@@ -218,9 +210,7 @@ def test_the_default_profiler_is_free_and_a_real_one_can_be_asked_for(tiny_data,
 
 
 def test_step_profile_splits_each_loops_step_into_parts_that_add_up(real_data, monkeypatch):
-    spec = importlib.util.spec_from_file_location("step_profile", ROOT / "bench" / "step_profile.py")
-    profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile)
+    profile = load_bench("step_profile")
     monkeypatch.setattr(profile, "STEPS", 5)
     monkeypatch.setattr(profile, "WARMUP", 2)
     overrides = ["model.hidden_size=16", f"data.data_dir={real_data}"]
@@ -231,9 +221,7 @@ def test_step_profile_splits_each_loops_step_into_parts_that_add_up(real_data, m
 
 def test_manual_tbptt_probe_trains_exactly_as_the_project(real_data):
     """bench/manual_tbptt.py measures only speed: K windows per training_step give the project's weights."""
-    spec = importlib.util.spec_from_file_location("manual_tbptt", ROOT / "bench" / "manual_tbptt.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_bench("manual_tbptt")
 
     class Keep(L.Callback):
         def on_train_end(self, trainer, pl_module):
@@ -248,11 +236,8 @@ def test_manual_tbptt_probe_trains_exactly_as_the_project(real_data):
         torch.testing.assert_close(manual.weights[k], project.weights[k], rtol=1e-5, atol=1e-6)
 
 
-
 def test_page_fault_probe_counts_the_timed_steps_of_both_loops(real_data, monkeypatch):
-    spec = importlib.util.spec_from_file_location("page_faults", ROOT / "bench" / "page_faults.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_bench("page_faults")
     monkeypatch.setattr(probe, "STEPS", 4)
     monkeypatch.setattr(probe, "WARMUP", 2)
     overrides = ["model.hidden_size=16", f"data.data_dir={real_data}"]
