@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -69,12 +68,8 @@ def main() -> None:
         for variant in VARIANTS:
             if args.shared and variant == "project":
                 continue
-            if args.shared:
-                row = measure(variant, args.overrides)
-            else:
-                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps([variant, args.overrides])],
-                                      capture_output=True, text=True, check=True)
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = (measure(variant, args.overrides) if args.shared
+                   else bench.in_fresh_process(__file__, [variant, args.overrides]))
             print(f"round {r + 1}  {variant:32s} {row['chars_per_sec']:9,.0f} chars/s "
                   f"{row['faults_per_step']:9,.0f} page faults a step", flush=True)
 

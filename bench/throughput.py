@@ -262,16 +262,21 @@ def measure(variant: str, overrides: list[str], steps: int, warmup: int, device:
     return run_project(overrides, steps, warmup, device)
 
 
+def in_fresh_process(script: str, spec) -> dict:
+    """`python SCRIPT --one SPEC` (SPEC as JSON) in a fresh Python process: the JSON its last line prints."""
+    proc = subprocess.run([sys.executable, script, "--one", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{Path(script).name} --one {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def isolated(variant: str, overrides: list[str], steps: int, warmup: int, device: str) -> float:
     """`measure` in a fresh Python process, as `python train.py` or a hand-written script runs: state that
     one run leaves in a process (the allocator's heap above all) must not carry over into the next. Run
     side by side in one process, the variants moved each other by up to a third at 2x512."""
     spec = {"variant": variant, "overrides": overrides, "steps": steps, "warmup": warmup, "device": device,
             "clock": clock.__name__}
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{variant} run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["chars_per_sec"]
+    return in_fresh_process(__file__, spec)["chars_per_sec"]
 
 
 def alternate(runs: dict, rounds: int, label: str) -> dict[str, list[float]]:
@@ -295,7 +300,7 @@ def ratio_to_plain(cps: dict[str, list[float]], variant: str) -> float:
 def bench_config(name: str, overrides: list[str], steps: int, warmup: int, rounds: int, best: list[str],
                  device: str, with_module_loop: bool = False) -> dict:
     cfg = compose_config(overrides, "unused")
-    ntoken, train_ids = train_split(cfg)
+    ntoken, _ = train_split(cfg)  # the vocabulary's size, for the FLOP count; every run loads its own data
     runs = {
         "plain": lambda: isolated("plain", overrides, steps, warmup, device),
         "project": lambda: isolated("project", overrides, steps, warmup, device),
