@@ -353,6 +353,14 @@ def write_docs(path: Path, result: dict) -> None:
     path.write_text(text)
 
 
+def docs_target(args: argparse.Namespace) -> Path | None:
+    """Where the table goes: --docs, else docs/performance.md, but only from a full run: a quick run, a subset
+    of the configurations, other step counts or CPU time would replace the documented table with another."""
+    if args.docs:
+        return args.docs
+    return None if args.quick or args.configs or args.steps or args.cpu_time else DOCS
+
+
 def machine_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -362,7 +370,7 @@ def machine_name(device: str) -> str:
         return platform.processor() or platform.machine()
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="course and 2x512 only, half the steps, 3 rounds")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
@@ -378,9 +386,13 @@ def main() -> None:
                         help="also time the project's module stepped by a hand-written loop, without the Trainer")
     parser.add_argument("--json", type=Path, help="default outputs/bench/throughput-<device>[-quick].json")
     parser.add_argument("--docs", type=Path, help=f"write the table into this file (default {DOCS.relative_to(ROOT)}, "
-                                                   "but none with --quick, --steps or --cpu-time)")
+                                                   "but none with --quick, --configs, --steps or --cpu-time)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a single run, for isolated(): JSON in, JSON out
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = make_parser().parse_args()
     global clock
     clock = time.process_time if args.cpu_time else time.perf_counter
     for name in ("lightning.pytorch", "lightning.fabric"):  # no "GPU available" lines for every run
@@ -395,7 +407,7 @@ def main() -> None:
     names = args.configs or (QUICK_CONFIGS if args.quick else GPU_CONFIGS if args.device == "cuda" else CPU_CONFIGS)
     tag = args.device + ("-quick" if args.quick else "")
     json_path = args.json or ROOT / "outputs" / "bench" / f"throughput-{tag}.json"
-    docs = args.docs or (None if args.quick or args.steps or args.cpu_time else DOCS)
+    docs = docs_target(args)
 
     peak = {"fp32": peak_gflops(torch.float32, args.device), "bf16": peak_gflops(torch.bfloat16, args.device)}
     print(f"peak matmul GFLOP/s: fp32 {peak['fp32']:,.0f}  bf16 {peak['bf16']:,.0f}", flush=True)

@@ -176,6 +176,16 @@ def load_bench(name: str):
     return module
 
 
+
+@pytest.mark.parametrize("argv, writes_docs", [([], True), (["--rounds", "3"], True), (["--quick"], False),
+                                               (["--configs", "course"], False), (["--steps", "10"], False),
+                                               (["--cpu-time"], False)])
+def test_only_a_full_benchmark_replaces_the_documented_table(argv, writes_docs, tmp_path):
+    bench = load_bench("throughput")
+    assert bench.docs_target(bench.make_parser().parse_args(argv)) == (bench.DOCS if writes_docs else None)
+    mine = tmp_path / "table.md"  # --docs always writes where it is told
+    assert bench.docs_target(bench.make_parser().parse_args([*argv, "--docs", str(mine)])) == mine
+
 # --- the benchmark's two loops train the same thing ----------------------------------------------------
 def test_plain_loop_module_loop_and_project_give_the_same_losses(real_data, tmp_path):
     bench = load_bench("throughput")
