@@ -10,7 +10,9 @@ word_language_model (batchify, get_batch slices, repackage_hidden, clip_grad_nor
 loss.item() every step) on the same network, initialisation and data order. "best" is the project
 with its best settings (BEST, or --best). With --module-loop, "module loop" is the project's own data,
 LightningModule, optimiser and clipping stepped by a loop like the plain one: the project without the
-Trainer. Every run is a fresh Python process, as a user's would be, timed after its warm-up steps; the
+Trainer. With --barebones, "barebones" is the same module in Lightning's `Trainer(barebones=True)`, which
+switches off everything that costs (logging, checkpoints, progress bar, profiler): the Trainer's own
+floor. Every run is a fresh Python process, as a user's would be, timed after its warm-up steps; the
 variants alternate, several rounds, and each ratio is the median over rounds of variant / plain measured
 in the same round. Characters per second count predicted symbols. The last line is
 `course_ratio=R1 best_ratio=R2`: the project against
@@ -59,6 +61,9 @@ BEST_AT = "2x512"  # best_ratio: where the best settings are meant for (models l
 # Every project run: one epoch of exactly the steps measured, no validation or test, no model summary.
 BENCH = ["trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
          "trainer.enable_model_summary=false", "test=false"]
+# --barebones: no callbacks of the project's, no logger, no progress bar, no self.log, no checkpoints
+BAREBONES = ["~callbacks", "~logger", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=0",
+             "+trainer.enable_checkpointing=false", "+trainer.barebones=true"]
 clock = time.perf_counter  # --cpu-time: time.process_time, steadier than wall time on a busy machine
 
 
@@ -259,6 +264,8 @@ def measure(variant: str, overrides: list[str], steps: int, warmup: int, device:
         return plain_loop(cfg, train_ids, ntoken, steps, warmup, device)[0]
     if variant == "module loop":
         return module_loop(overrides, steps, warmup, device)[0]
+    if variant == "barebones":
+        return run_project([*overrides, *BAREBONES], steps, warmup, device)
     return run_project(overrides, steps, warmup, device)
 
 
@@ -298,7 +305,7 @@ def ratio_to_plain(cps: dict[str, list[float]], variant: str) -> float:
 
 
 def bench_config(name: str, overrides: list[str], steps: int, warmup: int, rounds: int, best: list[str],
-                 device: str, with_module_loop: bool = False) -> dict:
+                 device: str, with_module_loop: bool = False, with_barebones: bool = False) -> dict:
     cfg = compose_config(overrides, "unused")
     ntoken, _ = train_split(cfg)  # the vocabulary's size, for the FLOP count; every run loads its own data
     runs = {
@@ -308,13 +315,16 @@ def bench_config(name: str, overrides: list[str], steps: int, warmup: int, round
     }
     if with_module_loop:
         runs["module loop"] = lambda: isolated("module loop", overrides, steps, warmup, device)
+    if with_barebones:
+        runs["barebones"] = lambda: isolated("barebones", overrides, steps, warmup, device)
     cps = alternate(runs, rounds, name)
     ratio = {k: ratio_to_plain(cps, k) for k in runs if k != "plain"}
     return {"name": name, "overrides": overrides, "steps": steps, "warmup": warmup, "rounds": rounds,
             "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
             "model": f"{cfg.model.num_layers}x{cfg.model.hidden_size}", "flops_per_char": flops_per_char(cfg, ntoken),
             "chars_per_sec": {k: statistics.median(v) for k, v in cps.items()}, "all_chars_per_sec": cps,
-            "ratio": ratio["project"], "best_ratio": ratio["best"], "module_loop_ratio": ratio.get("module loop")}
+            "ratio": ratio["project"], "best_ratio": ratio["best"], "module_loop_ratio": ratio.get("module loop"),
+            "barebones_ratio": ratio.get("barebones")}
 
 
 def table(result: dict) -> str:
@@ -384,6 +394,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="count this process's CPU time, not wall time (steadier on a busy machine)")
     parser.add_argument("--module-loop", action="store_true",
                         help="also time the project's module stepped by a hand-written loop, without the Trainer")
+    parser.add_argument("--barebones", action="store_true",
+                        help="also time the project's module in Lightning's Trainer(barebones=True): the Trainer's floor")
     parser.add_argument("--json", type=Path, help="default outputs/bench/throughput-<device>[-quick].json")
     parser.add_argument("--docs", type=Path, help=f"write the table into this file (default {DOCS.relative_to(ROOT)}, "
                                                    "but none with --quick, --configs, --steps or --cpu-time)")
@@ -416,7 +428,7 @@ def main() -> None:
         overrides, steps, warmup = CONFIGS[name]
         steps = args.steps or (max(steps // 2, 5) if args.quick else steps)
         configs.append(bench_config(name, overrides, steps, max(1, min(warmup, steps)), rounds, args.best, args.device,
-                                    args.module_loop))
+                                    args.module_loop, args.barebones))
     result = {"date": datetime.date.today().isoformat(), "device": args.device, "machine": machine_name(args.device),
               "threads": DEFAULT_THREADS, "torch": torch.__version__, "clock": clock.__name__,
               "command": "python bench/throughput.py " + " ".join(sys.argv[1:]), "best": args.best,
@@ -432,6 +444,9 @@ def main() -> None:
     if args.module_loop:
         print("module loop / plain (the project's model code without the Trainer): "
               + ", ".join(f"{c['name']} {c['module_loop_ratio']:.2f}" for c in configs))
+    if args.barebones:
+        print("barebones / plain (the project's module in Trainer(barebones=True)): "
+              + ", ".join(f"{c['name']} {c['barebones_ratio']:.2f}" for c in configs))
     course = next((c for c in configs if c["name"] == "course"), configs[0])
     best = next((c for c in configs if c["name"] == BEST_AT), configs[-1])
     print(f"course_ratio={course['ratio']:.2f} best_ratio={best['best_ratio']:.2f}")

@@ -187,26 +187,37 @@ def test_only_a_full_benchmark_replaces_the_documented_table(argv, writes_docs, 
     assert bench.docs_target(bench.make_parser().parse_args([*argv, "--docs", str(mine)])) == mine
 
 # --- the benchmark's two loops train the same thing ----------------------------------------------------
-def test_plain_loop_module_loop_and_project_give_the_same_losses(real_data, tmp_path):
+def test_plain_loop_module_loop_barebones_and_project_give_the_same_losses(real_data, tmp_path):
     bench = load_bench("throughput")
     overrides = ["model.dropout=0", "model.hidden_size=32", f"data.data_dir={real_data}"]
     steps = 12
 
     class Losses(bench.L.Callback):
-        values: list = []
+        def __init__(self):
+            self.values = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.values.append(float(outputs["loss"]))
 
-    cfg = bench.compose_config([*overrides, *bench.BENCH, f"trainer.limit_train_batches={steps}",
-                                "trainer.enable_progress_bar=false", "~callbacks.progress_bar"], str(tmp_path))
-    datamodule, model, trainer = bench.build(cfg, extra_callbacks=[Losses()])
-    trainer.fit(model, datamodule=datamodule)
+    def fit(extra: list[str], run_dir) -> list[float]:
+        cfg = bench.compose_config([*overrides, *bench.BENCH, f"trainer.limit_train_batches={steps}", *extra],
+                                   str(run_dir))
+        losses = Losses()
+        datamodule, model, trainer = bench.build(cfg, extra_callbacks=[losses])
+        trainer.fit(model, datamodule=datamodule)
+        return losses.values, trainer, cfg, datamodule
+
+    project, trainer, cfg, datamodule = fit(["trainer.enable_progress_bar=false", "~callbacks.progress_bar"],
+                                            tmp_path / "project")
+    assert (tmp_path / "project" / "tensorboard").exists() and trainer.checkpoint_callback is not None
+    barebones, trainer, _, _ = fit(bench.BAREBONES, tmp_path / "barebones")  # the Trainer with nothing on
+    assert trainer.barebones and trainer.checkpoint_callback is None and not (tmp_path / "barebones").exists()
     _, plain = bench.plain_loop(cfg, datamodule.ids["train"], len(datamodule.vocab), steps)
     _, module = bench.module_loop(overrides, steps)  # the project's module without the Trainer
-    assert len(plain) == len(module) == len(Losses.values) == steps
-    torch.testing.assert_close(torch.tensor(Losses.values), torch.tensor(plain), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(module), torch.tensor(Losses.values), rtol=1e-6, atol=1e-6)
+    assert len(plain) == len(module) == len(project) == len(barebones) == steps
+    torch.testing.assert_close(torch.tensor(project), torch.tensor(plain), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(module), torch.tensor(project), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(barebones), torch.tensor(project), rtol=1e-6, atol=1e-6)
     assert plain[-1] < plain[0]  # and it learns
 
 

@@ -106,8 +106,10 @@ def build(cfg: DictConfig, extra_callbacks: list = ()) -> tuple[L.LightningDataM
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", every_n_train_steps=every,
                                          save_last=True, save_top_k=1, enable_version_counter=False))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # Lightning's barebones mode (the Trainer with nothing that costs, for measuring it) refuses any profiler
+    profiler = cfg.trainer.get("profiler") or (None if cfg.trainer.get("barebones") else NoProfiler())
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                 profiler=cfg.trainer.get("profiler") or NoProfiler(),
+                                                 profiler=profiler,
                                                  plugins=[checkpoint.AtomicCheckpointIO()])
     return datamodule, model, trainer
 
