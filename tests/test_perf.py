@@ -176,7 +176,6 @@ def load_bench(name: str):
     return module
 
 
-
 @pytest.mark.parametrize("argv, writes_docs", [([], True), (["--rounds", "3"], True), (["--quick"], False),
                                                (["--configs", "course"], False), (["--steps", "10"], False),
                                                (["--cpu-time"], False)])
@@ -185,6 +184,7 @@ def test_only_a_full_benchmark_replaces_the_documented_table(argv, writes_docs, 
     assert bench.docs_target(bench.make_parser().parse_args(argv)) == (bench.DOCS if writes_docs else None)
     mine = tmp_path / "table.md"  # --docs always writes where it is told
     assert bench.docs_target(bench.make_parser().parse_args([*argv, "--docs", str(mine)])) == mine
+
 
 # --- the benchmark's two loops train the same thing ----------------------------------------------------
 def test_plain_loop_module_loop_barebones_and_project_give_the_same_losses(real_data, tmp_path):
@@ -199,7 +199,7 @@ def test_plain_loop_module_loop_barebones_and_project_give_the_same_losses(real_
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.values.append(float(outputs["loss"]))
 
-    def fit(extra: list[str], run_dir) -> list[float]:
+    def fit(extra: list[str], run_dir):  # -> the losses, the trainer, the config and the data
         cfg = bench.compose_config([*overrides, *bench.BENCH, f"trainer.limit_train_batches={steps}", *extra],
                                    str(run_dir))
         losses = Losses()
