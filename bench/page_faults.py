@@ -44,10 +44,8 @@ class Count(L.Callback):
 def measure(variant: str, overrides: list[str]) -> dict:
     """Characters per second and faults per timed step of one run of `variant`, in this process."""
     if variant == "plain":
-        cfg = bench.compose_config(overrides, "unused")
-        ntoken, train_ids = bench.train_split(cfg)
         start = []
-        cps, _ = bench.plain_loop(cfg, train_ids, ntoken, STEPS, WARMUP, at_start=lambda: start.append(faults()))
+        cps = bench.run_plain(overrides, STEPS, WARMUP, at_start=lambda: start.append(faults()))
         return {"chars_per_sec": cps, "faults_per_step": (faults() - start[0]) / STEPS}
     count = Count()
     cps = bench.run_project([*overrides, *VARIANTS[variant]], STEPS, WARMUP, "cpu", callbacks=[count])

@@ -59,12 +59,10 @@ def project(overrides: list[str]) -> dict[str, float]:
 
 
 def plain(overrides: list[str]) -> dict[str, float]:
-    cfg = bench.compose_config(overrides, "unused")
     prof = profile(activities=[ProfilerActivity.CPU])
-    ntoken, train_ids = bench.train_split(cfg)
-    chars_per_sec, _ = bench.plain_loop(cfg, train_ids, ntoken, STEPS, WARMUP, at_start=prof.__enter__)
+    chars_per_sec = bench.run_plain(overrides, STEPS, WARMUP, at_start=prof.__enter__)
     prof.__exit__(None, None, None)
-    return split(prof, cfg, chars_per_sec)
+    return split(prof, bench.compose_config(overrides, "unused"), chars_per_sec)
 
 
 def main() -> None:

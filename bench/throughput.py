@@ -64,6 +64,9 @@ BENCH = ["trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.num_san
 # --barebones: no callbacks of the project's, no logger, no progress bar, no self.log, no checkpoints
 BAREBONES = ["~callbacks", "~logger", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=0",
              "+trainer.enable_checkpointing=false", "+trainer.barebones=true"]
+# the variants a flag adds to plain, project and best: --module-loop and --barebones, with what each one is
+EXTRA_VARIANTS = {"module loop": "the project's model code without the Trainer",
+                  "barebones": "the project's module in Trainer(barebones=True)"}
 clock = time.perf_counter  # --cpu-time: time.process_time, steadier than wall time on a busy machine
 
 
@@ -256,12 +259,18 @@ def train_split(cfg) -> tuple[int, torch.Tensor]:
     return len(datamodule.vocab), datamodule.ids["train"]
 
 
+def run_plain(overrides: list[str], steps: int, warmup: int, device: str = "cpu", at_start=None) -> float:
+    """Characters per second of the plain loop on the data and configuration `overrides` compose; `at_start`
+    as in plain_loop."""
+    cfg = compose_config(overrides, "unused")
+    ntoken, train_ids = train_split(cfg)
+    return plain_loop(cfg, train_ids, ntoken, steps, warmup, device, at_start)[0]
+
+
 def measure(variant: str, overrides: list[str], steps: int, warmup: int, device: str) -> float:
-    """Characters per second of one timed run of `variant` (plain, project or module loop) in this process."""
+    """Characters per second of one timed run of `variant` (plain, project or an EXTRA_VARIANTS one) in this process."""
     if variant == "plain":
-        cfg = compose_config(overrides, "unused")
-        ntoken, train_ids = train_split(cfg)
-        return plain_loop(cfg, train_ids, ntoken, steps, warmup, device)[0]
+        return run_plain(overrides, steps, warmup, device)
     if variant == "module loop":
         return module_loop(overrides, steps, warmup, device)[0]
     if variant == "barebones":
@@ -305,7 +314,8 @@ def ratio_to_plain(cps: dict[str, list[float]], variant: str) -> float:
 
 
 def bench_config(name: str, overrides: list[str], steps: int, warmup: int, rounds: int, best: list[str],
-                 device: str, with_module_loop: bool = False, with_barebones: bool = False) -> dict:
+                 device: str, extra: tuple[str, ...] = ()) -> dict:
+    """One configuration: the runs of plain, project, best and the `extra` variants, and their ratios."""
     cfg = compose_config(overrides, "unused")
     ntoken, _ = train_split(cfg)  # the vocabulary's size, for the FLOP count; every run loads its own data
     runs = {
@@ -313,18 +323,21 @@ def bench_config(name: str, overrides: list[str], steps: int, warmup: int, round
         "project": lambda: isolated("project", overrides, steps, warmup, device),
         "best": lambda: isolated("project", [*overrides, *best], steps, warmup, device),
     }
-    if with_module_loop:
-        runs["module loop"] = lambda: isolated("module loop", overrides, steps, warmup, device)
-    if with_barebones:
-        runs["barebones"] = lambda: isolated("barebones", overrides, steps, warmup, device)
+    for variant in extra:
+        runs[variant] = lambda variant=variant: isolated(variant, overrides, steps, warmup, device)
     cps = alternate(runs, rounds, name)
     ratio = {k: ratio_to_plain(cps, k) for k in runs if k != "plain"}
     return {"name": name, "overrides": overrides, "steps": steps, "warmup": warmup, "rounds": rounds,
             "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
             "model": f"{cfg.model.num_layers}x{cfg.model.hidden_size}", "flops_per_char": flops_per_char(cfg, ntoken),
             "chars_per_sec": {k: statistics.median(v) for k, v in cps.items()}, "all_chars_per_sec": cps,
-            "ratio": ratio["project"], "best_ratio": ratio["best"], "module_loop_ratio": ratio.get("module loop"),
-            "barebones_ratio": ratio.get("barebones")}
+            "ratio": ratio["project"], "best_ratio": ratio["best"],
+            **{ratio_key(variant): ratio.get(variant) for variant in EXTRA_VARIANTS}}  # None: not run
+
+
+def ratio_key(variant: str) -> str:
+    """The key of an extra variant's ratio in a configuration's result: "module loop" -> "module_loop_ratio"."""
+    return variant.replace(" ", "_") + "_ratio"
 
 
 def table(result: dict) -> str:
@@ -424,11 +437,12 @@ def main() -> None:
     peak = {"fp32": peak_gflops(torch.float32, args.device), "bf16": peak_gflops(torch.bfloat16, args.device)}
     print(f"peak matmul GFLOP/s: fp32 {peak['fp32']:,.0f}  bf16 {peak['bf16']:,.0f}", flush=True)
     configs = []
+    extra = tuple(v for v, on in (("module loop", args.module_loop), ("barebones", args.barebones)) if on)
     for name in names:
         overrides, steps, warmup = CONFIGS[name]
         steps = args.steps or (max(steps // 2, 5) if args.quick else steps)
         configs.append(bench_config(name, overrides, steps, max(1, min(warmup, steps)), rounds, args.best, args.device,
-                                    args.module_loop, args.barebones))
+                                    extra))
     result = {"date": datetime.date.today().isoformat(), "device": args.device, "machine": machine_name(args.device),
               "threads": DEFAULT_THREADS, "torch": torch.__version__, "clock": clock.__name__,
               "command": "python bench/throughput.py " + " ".join(sys.argv[1:]), "best": args.best,
@@ -441,12 +455,9 @@ def main() -> None:
         print(f"table written to {docs}")
     print(f"results: {json_path}")
     print("best / plain: " + ", ".join(f"{c['name']} {c['best_ratio']:.2f}" for c in configs))
-    if args.module_loop:
-        print("module loop / plain (the project's model code without the Trainer): "
-              + ", ".join(f"{c['name']} {c['module_loop_ratio']:.2f}" for c in configs))
-    if args.barebones:
-        print("barebones / plain (the project's module in Trainer(barebones=True)): "
-              + ", ".join(f"{c['name']} {c['barebones_ratio']:.2f}" for c in configs))
+    for variant in extra:
+        print(f"{variant} / plain ({EXTRA_VARIANTS[variant]}): "
+              + ", ".join(f"{c['name']} {c[ratio_key(variant)]:.2f}" for c in configs))
     course = next((c for c in configs if c["name"] == "course"), configs[0])
     best = next((c for c in configs if c["name"] == BEST_AT), configs[-1])
     print(f"course_ratio={course['ratio']:.2f} best_ratio={best['best_ratio']:.2f}")

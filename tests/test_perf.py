@@ -154,26 +154,25 @@ def test_cpu_dropout_is_the_identity_when_off_and_keeps_the_dtype():
     assert dropout(torch.ones(7), 0.5).shape == (7,)  # sizes that are not a multiple of four
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_kept_freed_memory_is_not_faulted_in_again_each_step(real_data):
-    """At 2x512 glibc's defaults fault some 8,000 pages back in every training step (weight gradients,
-    oneDNN's workspaces); with cpu.keep_freed_memory the steps reuse them. Each in a fresh process."""
-    def faults_per_step(variant: str) -> float:
-        spec = json.dumps([variant, ["model.hidden_size=512", f"data.data_dir={real_data}"]])
-        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "page_faults.py"), "--one", spec],
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])["faults_per_step"]
-
-    assert faults_per_step("project") < 100 < 1000 < faults_per_step("project, keep_freed_memory off")
-
-
 def load_bench(name: str):
     """A script of bench/ as a module (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_freed_memory_is_not_faulted_in_again_each_step(real_data):
+    """At 2x512 glibc's defaults fault some 8,000 pages back in every training step (weight gradients,
+    oneDNN's workspaces); with cpu.keep_freed_memory the steps reuse them. Each in a fresh process."""
+    probe = load_bench("page_faults")
+
+    def faults_per_step(variant: str) -> float:  # in_fresh_process raises, with the child's stderr, if it fails
+        spec = [variant, ["model.hidden_size=512", f"data.data_dir={real_data}"]]
+        return probe.bench.in_fresh_process(probe.__file__, spec)["faults_per_step"]
+
+    assert faults_per_step("project") < 100 < 1000 < faults_per_step("project, keep_freed_memory off")
 
 
 @pytest.mark.parametrize("argv, writes_docs", [([], True), (["--rounds", "3"], True), (["--quick"], False),
@@ -265,6 +264,7 @@ def test_page_fault_probe_counts_the_timed_steps_of_both_loops(real_data, monkey
     for variant in probe.VARIANTS:
         row = probe.measure(variant, overrides)
         assert row["chars_per_sec"] > 0 and row["faults_per_step"] >= 0
+
 
 # --- presets -------------------------------------------------------------------------------------------
 def test_presets_compose_within_their_budgets():
