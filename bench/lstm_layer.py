@@ -101,23 +101,24 @@ def main() -> None:
         out.backward(d_out)
         return out
 
+    ways = {"onednn": onednn, "hand": hand}
     results = {}
-    for name, fn in (("onednn", onednn), ("hand", hand)):
+    for name, fn in ways.items():
         for p in (x, *weights):
             p.grad = None
         results[name] = [fn().detach(), x.grad.clone(), *(w.grad.clone() for w in weights)]
     error = max((a - b).abs().max().item() for a, b in zip(*results.values()))
     print(f"{steps} steps x batch {batch} x {units} units: largest difference, output and gradients: {error:.1e}")
     if args.verbose:
-        for name, fn in (("onednn", onednn), ("hand", hand)):
+        for name, fn in ways.items():
             fn()  # warm
             print(f"--- {name}: one forward + backward under ONEDNN_VERBOSE", flush=True)
             with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
                 fn()
         return
-    times: dict[str, list[float]] = {"onednn": [], "hand": []}
+    times: dict[str, list[float]] = {name: [] for name in ways}
     for r in range(args.rounds):
-        for name, fn in ((("onednn", onednn), ("hand", hand)) if r % 2 == 0 else (("hand", hand), ("onednn", onednn))):
+        for name, fn in list(ways.items())[::1 if r % 2 == 0 else -1]:  # each way first in every other round
             for _ in range(10):
                 fn()
             start = time.perf_counter()
