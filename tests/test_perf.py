@@ -16,7 +16,7 @@ from torch import nn
 
 from charlm import cache, config
 from charlm.data import PTBDataModule
-from charlm.model import LSTMLM, dropout
+from charlm.model import LSTMLM, dropout, dropout_masks
 from charlm.train import NoProfiler, build
 from conftest import FAST, ROOT, run_train, write_tiny_ptb
 
@@ -145,6 +145,16 @@ def test_cpu_dropout_drops_p_and_keeps_the_expectation(p):
     # the masks of neighbouring elements are independent: no pattern in the four per 64-bit draw
     kept = (y != 0).float().view(-1, 4)
     assert torch.corrcoef(kept.t()).fill_diagonal_(0).abs().max() < 0.01
+
+
+def test_a_steps_masks_in_one_draw_are_the_masks_of_successive_calls():
+    """The network draws a step's masks at once; they are the masks three calls of `dropout` would draw."""
+    x = torch.ones(10, 6, 8)
+    torch.manual_seed(3)
+    masks = dropout_masks(x, 0.2, 3)
+    torch.manual_seed(3)
+    assert masks.shape == (3, 10, 6, 8) and torch.equal(masks, torch.stack([dropout(x, 0.2) for _ in range(3)]))
+    assert dropout_masks(torch.ones(7), 0.5, 3).shape == (3, 7)  # not a multiple of four
 
 
 def test_cpu_dropout_is_the_identity_when_off_and_keeps_the_dtype():

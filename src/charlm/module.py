@@ -107,8 +107,8 @@ class LanguageModel(L.LightningModule):
             self.train_state = None
             self.nll["train_nll"].reset()
         loss, state = self._nll(batch, self.train_state)
-        if not torch.isfinite(loss):
-            raise CharlmError(f"training diverged: the loss is {loss.item()} at step {self.global_step} "
+        if not math.isfinite(value := loss.item()):  # a host sync, as torch.isfinite's would be: none on CPU
+            raise CharlmError(f"training diverged: the loss is {value} at step {self.global_step} "
                               f"(epoch {self.current_epoch + 1}); lower optimizer.lr or the clipping threshold "
                               f"and start again (best.ckpt holds the best weights so far)")
         self.train_state = detach(state)
