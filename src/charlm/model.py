@@ -63,7 +63,7 @@ class LSTMLM(nn.Module):
             return self.decoder(F.dropout(out, p, self.training)).transpose(0, 1), state
         masks = dropout_masks(x, p, self.lstm.num_layers + 1)  # the embedding's, between the layers, the output's
         out, state = self._layers(x, state, masks)
-        return self.decoder(out * masks[-1]).transpose(0, 1), state
+        return self.decoder(out * masks[-1].to(out.dtype)).transpose(0, 1), state  # bf16 under autocast
 
     def _layers(self, x: torch.Tensor, state: State | None, masks: torch.Tensor) -> tuple[torch.Tensor, State]:
         """nn.LSTM's layers one at a time, each layer's input times its mask."""
@@ -73,7 +73,7 @@ class LSTMLM(nn.Module):
             state = (zeros, zeros)
         hs, cs = [], []
         for layer, weights in enumerate(lstm.all_weights):
-            x, h, c = torch.lstm(x * masks[layer], (state[0][layer:layer + 1], state[1][layer:layer + 1]), weights,
+            x, h, c = torch.lstm(x * masks[layer].to(x.dtype), (state[0][layer:layer + 1], state[1][layer:layer + 1]), weights,
                                  has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
                                  batch_first=False)
             hs.append(h)
