@@ -73,9 +73,9 @@ class LSTMLM(nn.Module):
             state = (zeros, zeros)
         hs, cs = [], []
         for layer, weights in enumerate(lstm.all_weights):
-            x, h, c = torch.lstm(x * masks[layer].to(x.dtype), (state[0][layer:layer + 1], state[1][layer:layer + 1]), weights,
-                                 has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
-                                 batch_first=False)
+            hx = (state[0][layer:layer + 1], state[1][layer:layer + 1])
+            x, h, c = torch.lstm(x * masks[layer].to(x.dtype), hx, weights, has_biases=True, num_layers=1,
+                                 dropout=0.0, train=True, bidirectional=False, batch_first=False)
             hs.append(h)
             cs.append(c)
         return x, (torch.cat(hs), torch.cat(cs))
