@@ -195,6 +195,13 @@ def test_only_a_full_benchmark_replaces_the_documented_table(argv, writes_docs, 
     assert bench.docs_target(bench.make_parser().parse_args([*argv, "--docs", str(mine)])) == mine
 
 
+def test_quick_times_the_course_configuration_in_full_and_2x512_at_half():
+    bench = load_bench("throughput")
+    steps = {name: n for name, _, n, _ in bench.plan(bench.make_parser().parse_args(["--quick"]))}
+    assert steps == {"course": bench.CONFIGS["course"][1], "2x512": bench.CONFIGS["2x512"][1] // 2}
+    assert {n for _, _, n, _ in bench.plan(bench.make_parser().parse_args(["--steps", "7"]))} == {7}
+
+
 # --- the benchmark's two loops train the same thing ----------------------------------------------------
 def test_plain_loop_module_loop_barebones_and_project_give_the_same_losses(real_data, tmp_path):
     bench = load_bench("throughput")
