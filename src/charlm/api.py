@@ -20,15 +20,13 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from charlm import checkpoint, metrics
 from charlm.data import Vocab, batchify
 from charlm.errors import CharlmError
 from charlm.model import LSTMLM, State, detach
-from charlm.ptb import EOS, tokenize
+from charlm.ptb import EOS, SPACE, line_to_chars, tokenize
 
-SPACE = "_"  # the character files' symbol between two words of a line
 CHUNK_VALUES = 1 << 22  # logits held at once while scoring (16 MiB of float32): bounds chunk length x batch x V
 MAX_CHUNK = 4096  # steps per fused LSTM call while scoring
 
@@ -54,12 +52,7 @@ def to_symbols(text: str, level: str) -> list[str]:
         return list(text)
     symbols: list[str] = []
     for i, line in enumerate(text.replace(EOS, "\n").split("\n")):
-        if i:
-            symbols.append(EOS)
-        for j, word in enumerate(line.split()):
-            if j:
-                symbols.append(SPACE)
-            symbols.extend(word)
+        symbols += ([EOS] if i else []) + line_to_chars(line)
     return symbols
 
 
@@ -104,11 +97,8 @@ class Model:
         self._ids = torch.arange(len(self.vocab), device=self.device)[:, None]  # symbol i as a batch of 1
         # One query step is ~0.5 ms through nn.LSTM on CPU, whatever the length; the same weights through
         # torch.lstm_cell, with layer 0's input gates looked up per symbol, take a third of that.
-        lstm = net.lstm
-        self._cells, self._table, self._table_key = None, None, None
-        if (isinstance(lstm, nn.LSTM) and isinstance(net.embed, nn.Embedding) and lstm.bias
-                and not lstm.proj_size and not lstm.bidirectional):
-            self._cells = [tuple(weights) for weights in lstm.all_weights]  # (w_ih, w_hh, b_ih, b_hh) per layer
+        self._cells = [tuple(layer.all_weights[0]) for layer in net.lstm]  # (w_ih, w_hh, b_ih, b_hh) per layer
+        self._table, self._table_key = None, None
 
     @property
     def device(self) -> torch.device:
@@ -159,11 +149,8 @@ class Model:
 
     def _step(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         """ids (batch,) -> logits (batch, V) for the next symbol, and the new state."""
-        if self._cells is None:
-            logits, state = self.net(ids[:, None], state)
-            return logits[:, -1], state
         if state is None:
-            zeros = torch.zeros(len(self._cells), ids.size(0), self.net.lstm.hidden_size, device=ids.device)
+            zeros = torch.zeros(len(self._cells), ids.size(0), self.net.lstm[0].hidden_size, device=ids.device)
             state = (zeros, zeros)
         # layer 0 by hand (nn.LSTM's gate order i, f, g, o), the layers above through lstm_cell
         i, f, g, o = torch.addmm(self._input_gates()[ids], state[0][0], self._cells[0][1].t()).chunk(4, 1)

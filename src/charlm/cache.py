@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from charlm.ptb import atomic_write, md5sum
+from charlm.files import atomic_write
+from charlm.ptb import md5sum
 
 VERSION = 1  # bump when the reading rule or the file layout changes
 Splits = tuple[list[str], dict[str, torch.Tensor]]  # (vocabulary symbols, ids of each split)

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from charlm.errors import CharlmError
-from charlm.ptb import atomic_write
+from charlm.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -58,3 +58,18 @@ def check_vocab(ckpt: dict[str, Any], vocab: list[str], path: str | os.PathLike)
         raise CharlmError(f"checkpoint {path} was trained on another vocabulary ({len(saved)} symbols) than "
                           f"the data given ({len(vocab)} symbols{', new: ' + repr(extra) if extra else ''}); "
                           f"use the data it was trained on")
+
+
+def epochs_trained(ckpt: dict[str, Any]) -> int:
+    """The epochs whose training the checkpoint's run had finished (Lightning's fit-loop progress)."""
+    progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", 0))
+
+
+def check_unfinished(ckpt: dict[str, Any], max_epochs: int, path: str | os.PathLike) -> None:
+    """Resuming a run that already trained its `max_epochs` would train nothing and overwrite its results:
+    refused, saying how to extend it."""
+    done = epochs_trained(ckpt)
+    if max_epochs is not None and max_epochs != -1 and done >= max_epochs:
+        raise CharlmError(f"checkpoint {path} is of a finished run: it trained {done} of trainer.max_epochs="
+                          f"{max_epochs} epochs; to train it further, raise trainer.max_epochs above {done}")

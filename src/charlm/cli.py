@@ -1,12 +1,11 @@
-"""What the command-line tools share: one-line argument errors and CharlmError -> `error: ...`, exit 2."""
+"""What the command-line tools share: one-line argument errors, and CharlmError as one line (charlm.errors)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable
 
-from charlm.errors import CharlmError
+from charlm.errors import exit_on_error
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,13 +29,11 @@ def number(kind: type, test: Callable[[float], bool], allowed: str) -> Callable[
 
 
 def run(body: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse `argv` and run `body`; a CharlmError becomes one `error:` line on stderr and exit code 2."""
+    """Parse `argv` and run `body`; a CharlmError becomes one `error:` line on stderr and exit code 2 (SystemExit)."""
     args = parser.parse_args(argv)
     try:
-        body(args)
-    except CharlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        with exit_on_error():
+            body(args)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, exit_on_error
 
 
 def _int_at_least(low: int):
@@ -71,11 +70,8 @@ class Preflight(Callback):
     there is a traceback), and reported like every other bad input: one line, exit code 2."""
 
     def _check(self, directory: str, key: str) -> None:
-        try:
+        with exit_on_error():
             check_writable(directory, key)
-        except CharlmError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")

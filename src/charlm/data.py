@@ -130,6 +130,16 @@ class StreamDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.ids:
             self.vocab, self.ids = self.load()
+            self.check_sizes()
+
+    def check_sizes(self) -> None:
+        """Every split holds at least two symbols per stream: checked as soon as the data is read, before a
+        model is built."""
+        for split, key in (("train", "batch_size"), ("valid", "eval_batch_size"), ("test", "test_batch_size")):
+            symbols, streams = self.ids[split].numel(), getattr(self, key)
+            if symbols // streams < 2:
+                raise CharlmError(f"data.{key}={streams} is too large: the {split} split's {symbols} symbols make "
+                                  f"fewer than 2 per stream; set data.{key} to at most {symbols // 2}")
 
     def _rows(self, batch_size: int) -> slice:
         """This rank's contiguous share of the streams (all of them on one process)."""
@@ -216,6 +226,8 @@ class TextDataModule(StreamDataModule):
             return self.path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             raise CharlmError(f"data.path={self.path} does not exist; set data.path to a UTF-8 text file") from None
+        except IsADirectoryError:
+            raise CharlmError(f"data.path={self.path} is a directory; set data.path to a UTF-8 text file") from None
         except UnicodeDecodeError as e:
             raise CharlmError(f"data.path={self.path} is not UTF-8 text ({e.reason} at byte {e.start}); "
                               f"convert it to UTF-8") from None

@@ -13,7 +13,6 @@ ids, and adds `device_pool` to the config: integer ids are GPU indices, any othe
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from charlm.errors import CharlmError
-from charlm.ptb import atomic_write
+from charlm.files import write_json
 
 
 def cpu_count() -> int:
@@ -43,9 +42,11 @@ def pool_ids(ids=None, cpu_jobs: int | None = None) -> list:
     return [f"cpu{i}" for i in range(cpu_jobs or cpu_count())]
 
 
-# hydra.launcher.n_jobs of the parallel launcher: as many jobs at once as the pool has devices.
-if not OmegaConf.has_resolver("charlm.pool_size"):
-    OmegaConf.register_new_resolver("charlm.pool_size", lambda ids, cpu_jobs: len(pool_ids(ids, cpu_jobs)))
+def register_resolver() -> None:
+    """`${charlm.pool_size:ids,cpu_jobs}`, the parallel launcher's n_jobs: as many jobs at once as the pool
+    has devices. Registered by the entry point before Hydra composes the launcher's config."""
+    if not OmegaConf.has_resolver("charlm.pool_size"):
+        OmegaConf.register_new_resolver("charlm.pool_size", lambda ids, cpu_jobs: len(pool_ids(ids, cpu_jobs)))
 
 
 @contextmanager
@@ -125,4 +126,4 @@ def claim(cfg: DictConfig) -> Iterator:
         finally:
             record = {"device": device, "threads": threads, "pid": os.getpid(),
                       "acquired": acquired, "released": time.time()}
-            atomic_write(Path(cfg.run_dir) / "device.json", (json.dumps(record) + "\n").encode())
+            write_json(Path(cfg.run_dir) / "device.json", record)

@@ -10,15 +10,16 @@ Batch size 1 is the course's and the literature's protocol; N > 1 scores N conti
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from charlm import api, metrics, ptb
 from charlm.cli import Parser, number, run
 from charlm.errors import CharlmError
+from charlm.files import write_json
 
 
 def parser() -> Parser:
@@ -26,8 +27,8 @@ def parser() -> Parser:
     p.add_argument("checkpoint", help="a .ckpt written by python train.py")
     p.add_argument("--split", default="valid", choices=ptb.SPLITS)
     p.add_argument("--batch-size", type=number(int, lambda v: v >= 1, "an integer >= 1"), default=1)
-    p.add_argument("--data-dir", default=os.environ.get("CHARLM_DATA_DIR", "data/ptb"),
-                   help="directory with the PTB files (default: $CHARLM_DATA_DIR, else data/ptb)")
+    p.add_argument("--data-dir", help="directory with the PTB files (default: the data directory of the run "
+                                       "that wrote the checkpoint, from its .hydra/config.yaml)")
     p.add_argument("--limit", type=number(int, lambda v: v >= 2, "an integer >= 2"), default=None,
                    help="score only the first N symbols of the split (quick checks)")
     p.add_argument("--dynamic", action="store_true", help="dynamic evaluation: adapt the weights as the text is scored")
@@ -41,11 +42,24 @@ def parser() -> Parser:
     return p
 
 
-def split_tokens(data_dir: Path, level: str, split: str, limit: int | None) -> list[str]:
+def run_data_dir(checkpoint: str) -> Path | None:
+    """The data directory of the run that wrote `checkpoint` (<run>/checkpoints/*.ckpt), as its saved config
+    resolves it (paths.data_dir); None for a checkpoint outside a run directory."""
+    saved = Path(checkpoint).expanduser().resolve().parent.parent / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return None
+    data_dir = OmegaConf.select(OmegaConf.load(saved), "data.data_dir", default=None)
+    return Path(data_dir).expanduser() if data_dir else None
+
+
+def split_tokens(data_dir: Path | None, level: str, split: str, limit: int | None) -> list[str]:
+    if data_dir is None:
+        raise CharlmError("the checkpoint is not inside a run directory that names its data; pass --data-dir "
+                          "with the directory of the PTB files")
     path = data_dir / ptb.filename(level, split)
     if not path.is_file():
-        raise CharlmError(f"{path} does not exist; pass --data-dir (or set CHARLM_DATA_DIR) to the directory "
-                          f"with the PTB files (python train.py downloads them)")
+        raise CharlmError(f"{path} does not exist; pass --data-dir with the directory of the PTB files "
+                          f"(python train.py downloads them)")
     return ptb.read_tokens(path)[:limit]
 
 
@@ -54,7 +68,8 @@ def evaluate(args) -> dict:
     if model.level == "text":
         raise CharlmError(f"{args.checkpoint} was trained on a text file (data=text), not PTB; its run's "
                           f"metrics.json holds its valid and test figures")
-    tokens = split_tokens(Path(args.data_dir).expanduser(), model.level, args.split, args.limit)
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else run_data_dir(args.checkpoint)
+    tokens = split_tokens(data_dir, model.level, args.split, args.limit)
     dynamic = api.Dynamic(args.dynamic_lr, args.segment_len, args.dynamic_decay) if args.dynamic else None
     started = time.perf_counter()
     scores = model.score(tokens, batch_size=args.batch_size, dynamic=dynamic)
@@ -75,7 +90,7 @@ def body(args) -> None:
     result = evaluate(args)
     path = output_path(args)
     try:
-        ptb.atomic_write(path, (json.dumps(result, indent=2) + "\n").encode())
+        write_json(path, result)
     except OSError as e:
         raise CharlmError(f"cannot write {path} ({e.strerror}); pass --output to a writable place") from None
     how = f"batch {args.batch_size}" + (f", dynamic lr {args.dynamic_lr} every {args.segment_len}" if args.dynamic else "")

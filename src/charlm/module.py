@@ -10,10 +10,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics import Metric
 
 from charlm import metrics
 from charlm.errors import CharlmError
+from charlm.metrics import TokenNLL
 from charlm.model import LSTMLM, State, detach
 from charlm.optim import clip_grad_norm
 
@@ -32,26 +32,6 @@ class ZarembaDecay:
 
     def __call__(self, epoch: int) -> float:
         return self.decay ** -max(0, epoch - self.max_epoch)
-
-
-class TokenNLL(Metric):
-    """Mean NLL per predicted symbol over a whole split: each window's mean weighted by its symbols, summed
-    in float64, summed across ranks. (torchmetrics' MeanMetric either syncs the host every step for its NaN
-    check or, with nan_strategy="disable", silently drops the weights.)"""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, mean_nll: torch.Tensor, symbols: int) -> None:
-        self.total.add_(mean_nll.detach().double(), alpha=symbols)  # in place: no Module.__setattr__ a step
-        self.count.add_(symbols)
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count
 
 
 class LanguageModel(L.LightningModule):
@@ -84,14 +64,6 @@ class LanguageModel(L.LightningModule):
         self.best_valid = math.inf  # of the headline figure
         self.results: dict[str, dict[str, float]] = {}  # the last full-precision metrics of each split
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets _current_fx_name before and after every hook it calls, some 50 times a training
-        # step; nn.Module.__setattr__ spends a microsecond on each looking for parameters and buffers.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         return self.net(x, state)
 
@@ -120,20 +92,30 @@ class LanguageModel(L.LightningModule):
         return loss * batch[1].size(1) if self.hparams.sum_over_time else loss
 
     def _logging_step(self) -> bool:
-        """Whether the trainer writes this step's metrics to its loggers (every `log_every_n_steps`). A
-        `self.log` call on the other steps changes nothing the loggers see, yet costs Lightning about a
-        millisecond of Python (a tenth of a step at the course's size)."""
-        if self._trainer is None:  # called by hand, outside fit: there is nothing to log to
+        """Whether the trainer writes this step's metrics to its loggers (every `log_every_n_steps`).
+
+        Why training_step asks: a `self.log` call on the other steps changes nothing the loggers see, yet
+        costs Lightning about a millisecond of Python, a tenth of a step at the course's size
+        (`python bench/throughput.py --tricks` measures it). Outside a Trainer there is nothing to log to.
+        """
+        try:
+            every = self.trainer.log_every_n_steps
+        except RuntimeError:  # not attached to a Trainer (the module stepped by hand)
             return False
-        every = self._trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip by global norm as the trainer asks, and log the norm the clipping measured anyway."""
-        if gradient_clip_val:
-            norm = clip_grad_norm([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
-            if self._logging_step():
-                self.log("train/grad_norm", norm)
+        """Clip as the trainer asks (`trainer.gradient_clip_algorithm`: norm, the default, or value); by norm,
+        log the norm the clipping measured anyway."""
+        if not gradient_clip_val:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            return
+        norm = clip_grad_norm(params, gradient_clip_val)
+        if self._logging_step():
+            self.log("train/grad_norm", norm)
 
     # --- evaluation -----------------------------------------------------------------------------
     def _eval_step(self, split: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:

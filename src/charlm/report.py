@@ -21,32 +21,43 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from charlm.errors import CharlmError
-from charlm.ptb import atomic_write
+from charlm import metrics
+from charlm.errors import CharlmError, exit_on_error
+from charlm.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
-COLUMNS = ("job", "overrides", "status", "best_valid_bpc", "test_bpc", "test_ppl56", "epochs", "wall_time_s",
-           "device", "reason", "dir")
+NAMES = {"bpc": "bpc", "ppl": "perplexity"}  # a headline figure as the report's headings spell it
+UNITS = {"bpc": "bits per character", "ppl": "perplexity per word"}
 
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _diverged(best_bpc, vocab_path: Path) -> str | None:
-    """Why a completed job counts as diverged: its best valid bpc is not finite, or worse than the uniform
-    guess over the vocabulary that the initial model already makes (log2 V bits); else None."""
-    if not _finite(best_bpc):
-        return f"the best valid bpc is {best_bpc}"
+def _diverged(best, headline: str, vocab_path: Path) -> str | None:
+    """Why a completed job counts as diverged: its best valid figure is not finite, or worse than the uniform
+    guess over the vocabulary that the initial model already makes (log2 V bits, perplexity V); else None."""
+    if not _finite(best):
+        return f"the best valid {headline} is {best}"
     if vocab_path.is_file():
-        chance = math.log2(len(json.loads(vocab_path.read_text(encoding="utf-8"))))
-        if best_bpc > chance:
-            return f"the best valid bpc {best_bpc:.4g} is worse than a uniform guess ({chance:.4f})"
+        size = len(json.loads(vocab_path.read_text(encoding="utf-8")))
+        chance = math.log2(size) if headline == "bpc" else float(size)
+        if best > chance:
+            return f"the best valid {headline} {best:.4g} is worse than a uniform guess ({chance:.4f})"
     return None
 
 
+def _level(metrics_json: dict, cfg: DictConfig) -> str:
+    """The job's data level: as its metrics.json says, else as its config does (data=text has no level)."""
+    if metrics_json.get("level"):
+        return metrics_json["level"]
+    target = OmegaConf.select(cfg, "data._target_", default="") or ""
+    return "text" if target.endswith("TextDataModule") else OmegaConf.select(cfg, "data.level", default="char")
+
+
 def load_job(job_dir: Path) -> dict:
-    """One job's row, plus its composed config and per-epoch history for the plots."""
+    """One job's row, plus its composed config and per-epoch history for the plots. The row holds the
+    job's headline figure (metrics.HEADLINE: bpc for characters and text, perplexity for words)."""
     hydra_dir = job_dir / ".hydra"
     cfg = OmegaConf.load(hydra_dir / "config.yaml")
     num = OmegaConf.select(OmegaConf.load(hydra_dir / "hydra.yaml"), "hydra.job.num", default=None)
@@ -54,18 +65,31 @@ def load_job(job_dir: Path) -> dict:
     path = job_dir / "metrics.json"
     m = json.loads(path.read_text()) if path.is_file() else {
         "status": "failed", "reason": "no metrics.json: the job never ran to its end (killed, or still running)"}
+    level = _level(m, cfg)
+    headline = metrics.HEADLINE[level]
     if m.get("status") == "completed":
-        diverged = _diverged(m.get("best_valid_bpc"), job_dir / "vocab.json")
+        diverged = _diverged(m.get(f"best_valid_{headline}"), headline, job_dir / "vocab.json")
         if diverged:
             m.update(status="failed", reason=f"diverged: {diverged}")
     held = job_dir / "device.json"  # written by a job of hydra/launcher=parallel
     device = json.loads(held.read_text()).get("device") if held.is_file() else None
     test = m.get("test") or {}
-    row = {"job": num, "overrides": " ".join(overrides), "status": m.get("status"),
-           "best_valid_bpc": m.get("best_valid_bpc"), "test_bpc": test.get("bpc"), "test_ppl56": test.get("ppl56"),
-           "epochs": m.get("epochs"), "wall_time_s": m.get("wall_time_s"), "device": device,
-           "reason": m.get("reason"), "dir": str(job_dir)}
-    return {"row": row, "overrides": overrides, "cfg": cfg, "history": m.get("history") or []}
+    row = {"job": num, "overrides": " ".join(overrides), "status": m.get("status"), "level": level,
+           f"best_valid_{headline}": m.get(f"best_valid_{headline}"), f"test_{headline}": test.get(headline),
+           "test_ppl56": test.get("ppl56"), "epochs": m.get("epochs"), "wall_time_s": m.get("wall_time_s"),
+           "device": device, "reason": m.get("reason"), "dir": str(job_dir)}
+    return {"row": row, "overrides": overrides, "cfg": cfg, "history": m.get("history") or [], "headline": headline}
+
+
+def headlines(jobs: list[dict]) -> list[str]:
+    """The headline figures of the sweep's jobs: one, unless the sweep mixes data levels."""
+    return list(dict.fromkeys(j["headline"] for j in jobs))
+
+
+def columns(jobs: list[dict]) -> list[str]:
+    figures = [f"{kind}_{h}" for h in headlines(jobs) for kind in ("best_valid", "test")]
+    figures += ["test_ppl56"] if any(j["row"]["level"] == "char" for j in jobs) else []
+    return ["job", "overrides", "status", "level", *figures, "epochs", "wall_time_s", "device", "reason", "dir"]
 
 
 def find_jobs(sweep_dir: Path) -> list[dict]:
@@ -89,7 +113,7 @@ def _fmt(x, digits: int = 4) -> str:
 
 def write_csv(jobs: list[dict], path: Path) -> None:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=columns(jobs), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(j["row"] for j in jobs)
     atomic_write(path, out.getvalue().encode())
@@ -105,14 +129,21 @@ def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: P
         lines += ["", f"Command: `{sweep['command']}`"]
     if common:
         lines += ["", "Overrides of every job: " + " ".join(f"`{o}`" for o in sorted(common))]
-    lines += ["",
-              "| job | overrides | status | best valid bpc | test bpc | test ppl56 | epochs | wall time (s) | device |",
-              "|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    figures = headlines(jobs)
+    if len(figures) > 1:
+        levels = ", ".join(sorted({j["row"]["level"] for j in jobs}))
+        lines += ["", f"This sweep mixes data levels ({levels}): bits per character and word perplexity are not "
+                      f"comparable, so each job shows its own level's figure and no plot compares them."]
+    char = any(j["row"]["level"] == "char" for j in jobs)
+    heads = [f"{kind} {NAMES[h]}" for h in figures for kind in ("best valid", "test")] + ["test ppl56"] * char
+    lines += ["", "| job | overrides | status | " + " | ".join(heads) + " | epochs | wall time (s) | device |",
+              "|---:|---|---|" + "---:|" * len(heads) + "---:|---:|---|"]
     for j in jobs:
         r = j["row"]
-        lines.append(f"| {_fmt(r['job'])} | {_label(j, common)} | {r['status']} | {_fmt(r['best_valid_bpc'])} | "
-                     f"{_fmt(r['test_bpc'])} | {_fmt(r['test_ppl56'], 2)} | {_fmt(r['epochs'])} | "
-                     f"{_fmt(r['wall_time_s'], 1)} | {_fmt(r['device'])} |")
+        cells = [_fmt(r.get(f"{kind}_{h}")) for h in figures for kind in ("best_valid", "test")]
+        cells += [_fmt(r["test_ppl56"], 2)] * char
+        lines.append(f"| {_fmt(r['job'])} | {_label(j, common)} | {r['status']} | " + " | ".join(cells)
+                     + f" | {_fmt(r['epochs'])} | {_fmt(r['wall_time_s'], 1)} | {_fmt(r['device'])} |")
     if failed:
         lines += ["", "Failed jobs:", ""]
         for j in failed:
@@ -123,12 +154,14 @@ def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: P
 
 
 def plot_final(jobs: list[dict], path: Path, x: str, group: str) -> bool:
-    """Best valid bpc against the config value `x`, one line per value of `group`."""
+    """The best valid headline figure against the config value `x`, one line per value of `group`."""
     from matplotlib.figure import Figure
 
+    (headline,) = headlines(jobs)
     lines: dict = {}
     for j in jobs:
-        xv, gv, y = OmegaConf.select(j["cfg"], x), OmegaConf.select(j["cfg"], group), j["row"]["best_valid_bpc"]
+        xv, gv = OmegaConf.select(j["cfg"], x, default=None), OmegaConf.select(j["cfg"], group, default=None)
+        y = j["row"][f"best_valid_{headline}"]
         if j["row"]["status"] == "completed" and _finite(xv) and _finite(y):
             lines.setdefault(gv, []).append((xv, y))
     if not lines:
@@ -143,7 +176,7 @@ def plot_final(jobs: list[dict], path: Path, x: str, group: str) -> bool:
         ax.set_xscale("log")
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
-    ax.set(xlabel=x, ylabel="best valid bpc", title=f"best valid bpc against {x}")
+    ax.set(xlabel=x, ylabel=f"best valid {NAMES[headline]}", title=f"best valid {NAMES[headline]} against {x}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=120)
@@ -151,24 +184,28 @@ def plot_final(jobs: list[dict], path: Path, x: str, group: str) -> bool:
 
 
 def plot_curves(jobs: list[dict], common: set[str], path: Path) -> bool:
-    """Running train bpc and valid bpc of every completed job at each validation, against the symbols trained on."""
+    """The running train and the valid headline figure of every completed job at each validation, against the
+    symbols trained on."""
     from matplotlib.figure import Figure
 
-    curves = [j for j in jobs if j["row"]["status"] == "completed" and any("valid/bpc" in h for h in j["history"])]
+    (headline,) = headlines(jobs)
+    curves = [j for j in jobs
+              if j["row"]["status"] == "completed" and any(f"valid/{headline}" in h for h in j["history"])]
     if not curves:
         return False
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for j in curves:
         symbols_per_step = OmegaConf.select(j["cfg"], "data.batch_size") * OmegaConf.select(j["cfg"], "data.seq_len")
-        for ax, key in zip(axes, ("train/bpc", "valid/bpc")):
+        for ax, key in zip(axes, (f"train/{headline}", f"valid/{headline}")):
             points = [(h["step"] * symbols_per_step / 1e6, h[key]) for h in j["history"] if key in h]
             if points:
                 ax.plot(*zip(*points), marker=".", label=_label(j, common))
-    for ax, title in zip(axes, ("train bpc (running mean over the epoch)", "valid bpc")):
+    name = NAMES[headline]
+    for ax, title in zip(axes, (f"train {name} (running mean over the epoch)", f"valid {name}")):
         ax.set(xlabel="training symbols (millions)", title=title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("bits per character")
+    axes[0].set_ylabel(UNITS[headline])
     axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.savefig(path, dpi=120)
     return True
@@ -185,10 +222,12 @@ def write(sweep_dir: Path, x: str = "data.seq_len", group: str = "model.dropout"
     common = set.intersection(*(set(j["overrides"]) for j in jobs)) if len(jobs) > 1 else set()
     sweep = json.loads((sweep_dir / "sweep.json").read_text()) if (sweep_dir / "sweep.json").is_file() else {}
     plots = []
-    if plot_final(jobs, sweep_dir / "valid_bpc.png", x, group):
-        plots.append("valid_bpc.png")
-    if plot_curves(jobs, common, sweep_dir / "learning_curves.png"):
-        plots.append("learning_curves.png")
+    if len(headlines(jobs)) == 1:  # figures of different levels are not put on one axis
+        final = f"valid_{jobs[0]['headline']}.png"
+        if plot_final(jobs, sweep_dir / final, x, group):
+            plots.append(final)
+        if plot_curves(jobs, common, sweep_dir / "learning_curves.png"):
+            plots.append("learning_curves.png")
     write_csv(jobs, sweep_dir / "summary.csv")
     write_markdown(jobs, common, plots, sweep_dir / "summary.md", sweep)
     return [j["row"] for j in jobs]
@@ -205,7 +244,7 @@ class SweepReport(Callback):
         started = getattr(self, "started", None)
         sweep = {"command": " ".join(["python", *sys.argv]), "started": started, "ended": time.time(),
                  "wall_time_s": round(time.time() - started, 3) if started else None}
-        atomic_write(sweep_dir / "sweep.json", (json.dumps(sweep, indent=2) + "\n").encode())
+        write_json(sweep_dir / "sweep.json", sweep)
         rows = write(sweep_dir)
         failed = [r for r in rows if r["status"] != "completed"]
         log.info(f"report: {sweep_dir / 'summary.md'}")
@@ -218,14 +257,11 @@ class SweepReport(Callback):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m charlm.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--x", default="data.seq_len", help="config key on the x axis of valid_bpc.png")
+    parser.add_argument("--x", default="data.seq_len", help="config key on the x axis of valid_<figure>.png")
     parser.add_argument("--group", default="model.dropout", help="config key with one line per value")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error():
         write(args.sweep_dir, args.x, args.group)
-    except CharlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print((args.sweep_dir / "summary.md").read_text())
 
 

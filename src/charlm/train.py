@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import json
 import logging
 import math
 import platform
@@ -17,24 +15,29 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.profilers import PassThroughProfiler
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from charlm import checkpoint, config, devices, metrics
 from charlm.callbacks import History, SaveOnInterrupt
-from charlm.errors import CharlmError
-from charlm.ptb import atomic_write
+from charlm.errors import CharlmError, exit_on_error
+from charlm.files import write_json
+from charlm.ptb import SPLITS
 
-SPLITS = ("train", "valid", "test")
 log = logging.getLogger(__name__)
+# Config keys that say where and how a run is carried out, not what it is: left out of TensorBoard's HPARAMS.
+PLUMBING = {"_target_", "data_dir", "path", "download", "url", "verify", "cache", "default_root_dir", "accelerator",
+            "devices", "num_nodes", "strategy", "enable_progress_bar", "enable_model_summary", "enable_checkpointing",
+            "log_every_n_steps", "profiler", "num_sanity_val_steps", "use_distributed_sampler", "barebones",
+            "named_parameters", "interval"}
 
 
 @rank_zero_only  # under DDP every rank holds the same synced metrics; one writes them
 def write_metrics(run_dir: Path, result: dict) -> None:
-    atomic_write(run_dir / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
+    write_json(run_dir / "metrics.json", result)
 
 
 def format_table(result: dict) -> str:
@@ -50,11 +53,39 @@ def _resume_hint() -> str:
     return shlex.join(["python", "train.py", *args])
 
 
+def experiment_hparams(cfg: DictConfig) -> dict:
+    """What defines a run, for comparing runs in TensorBoard's HPARAMS tab: each config group by the name it
+    was chosen by (`optimizer: sgd`), and its values as `group/key` (`optimizer/lr`), less PLUMBING and unset
+    values; lists as text."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    hparams: dict = {}
+    if choices.get("experiment"):
+        hparams["experiment"] = choices["experiment"]
+
+    def add(prefix: str, node) -> None:
+        for key, value in node.items():
+            if key in PLUMBING or value is None:
+                continue
+            if isinstance(value, dict):
+                add(f"{prefix}/{key}", value)
+            else:
+                hparams[f"{prefix}/{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    for group in ("data", "model", "optimizer", "scheduler", "trainer"):
+        if group not in cfg:
+            continue
+        node = OmegaConf.to_container(cfg[group], resolve=True) if cfg[group] is not None else None
+        target = (node or {}).get("_target_", "none").rsplit(".", 1)[-1]
+        hparams[group] = choices.get(group) or target
+        add(group, node or {})
+    hparams["seed"] = cfg.seed
+    return hparams
+
+
 def configure_torch(cfg: DictConfig) -> None:
     """The process-wide settings of a run (`cpu.*`)."""
     if OmegaConf.select(cfg, "cpu.threads"):
         torch.set_num_threads(cfg.cpu.threads)
-    torch.set_flush_denormal(bool(OmegaConf.select(cfg, "cpu.flush_denormal", default=False)))
     if OmegaConf.select(cfg, "cpu.keep_freed_memory", default=False):
         keep_freed_memory()
 
@@ -66,50 +97,44 @@ MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep the memory a training step frees for the next step, as torch's CUDA caching
-    allocator does on a GPU. By default it returns freed memory to the OS whenever a few MB lie free at the
-    top of its heap, and maps large blocks afresh, so each step faults its temporaries' pages in again, one
-    fault per 4 KB: ~8,000 a step at 2x512, a third of the step (docs/performance.md). Now blocks up to
-    32 MB come from the heap, and up to 1 GB of freed heap is kept. Returns whether it applied (glibc only)."""
+    allocator does on a GPU (`cpu.keep_freed_memory`, on by default).
+
+    Why: by default glibc returns freed memory to the OS whenever a few MB lie free at the top of its heap,
+    and maps large blocks afresh, so each step faults its temporaries' pages in again, one fault per 4 KB:
+    ~8,000 a step at 2x512, a third of the step (`python bench/throughput.py --tricks` measures it). Now
+    blocks up to 32 MB come from the heap, and up to 1 GB of freed heap is kept. The numbers computed are
+    the same. Returns whether it applied (glibc only)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-class NoProfiler(PassThroughProfiler):
-    """Lightning's default profiler, which profiles nothing, without its cost: it enters a generator-based
-    context manager around every hook, about 130 a training step at 0.8 us each, 1% of the course's step.
-    `trainer.profiler=simple` (or advanced, pytorch) replaces it with a real one."""
-
-    _nothing = contextlib.nullcontext()
-
-    def profile(self, action_name: str) -> contextlib.AbstractContextManager:
-        return self._nothing
-
-
 def build(cfg: DictConfig, extra_callbacks: list = ()) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """The seeded data, model and trainer of one run as `cfg` says (bench/throughput.py times the same)."""
+    """The seeded data, model and trainer of one run as `cfg` says (bench/throughput.py times the same).
+    Everything the data and a checkpoint to resume from can tell is checked before the model is built."""
     configure_torch(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     if cfg.get("ckpt_path"):
-        checkpoint.check_vocab(checkpoint.read(cfg.ckpt_path), datamodule.vocab.symbols, cfg.ckpt_path)
+        ckpt = checkpoint.read(cfg.ckpt_path)
+        checkpoint.check_vocab(ckpt, datamodule.vocab.symbols, cfg.ckpt_path)
+        checkpoint.check_unfinished(ckpt, cfg.trainer.max_epochs, cfg.ckpt_path)
     model = hydra.utils.instantiate(cfg.model, vocab=datamodule.vocab.symbols, optimizer=cfg.optimizer,
                                     scheduler=cfg.get("scheduler"), level=datamodule.level, _recursive_=False)
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning's switch takes the configured bar with it
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += [*extra_callbacks, SaveOnInterrupt(str(ckpt_dir / "last.ckpt"), _resume_hint())]
     every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps")
     if every:  # a rolling step checkpoint (and last.ckpt) every N steps, for pre-emptible machines
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", every_n_train_steps=every,
                                          save_last=True, save_top_k=1, enable_version_counter=False))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    # Lightning's barebones mode (the Trainer with nothing that costs, for measuring it) refuses any profiler
-    profiler = cfg.trainer.get("profiler") or (None if cfg.trainer.get("barebones") else NoProfiler())
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                 profiler=profiler,
                                                  plugins=[checkpoint.AtomicCheckpointIO()])
     return datamodule, model, trainer
 
@@ -123,7 +148,6 @@ def fit(cfg: DictConfig) -> dict:
     started = time.time()
     run_dir = Path(cfg.run_dir)
     config.check(cfg)
-    config.check_writable(run_dir, "hydra.run.dir")
     result: dict = {"status": "failed", "run_dir": str(run_dir)}
     history = History()
     training = False
@@ -131,12 +155,10 @@ def fit(cfg: DictConfig) -> dict:
         datamodule, model, trainer = build(cfg, extra_callbacks=[history])
         result["level"] = datamodule.level
         headline = metrics.HEADLINE[datamodule.level]  # bpc for characters, ppl for words
-        hparams = OmegaConf.to_container(cfg, resolve=True)
-        hparams = {k: hparams[k] for k in ("data", "model", "optimizer", "scheduler", "trainer", "seed") if k in hparams}
         training = True
         datamodule.vocab.save(run_dir / "vocab.json")
         for logger in trainer.loggers:
-            logger.log_hyperparams(hparams, metrics={f"valid/best_{headline}": math.nan})
+            logger.log_hyperparams(experiment_hparams(cfg), metrics={f"valid/best_{headline}": math.nan})
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         if trainer.interrupted:
@@ -164,27 +186,32 @@ def fit(cfg: DictConfig) -> dict:
     return result
 
 
-def main(cfg: DictConfig) -> float | None:
-    """Entry point behind `python train.py`: a CharlmError becomes one line on stderr and exit code 2.
+def best_valid(result: dict) -> float | None:
+    """A run's best valid headline figure (bpc, or ppl for words): what a sweep job returns to Hydra."""
+    return result.get(f"best_valid_{metrics.HEADLINE[result['level']]}")
 
-    A job of a sweep (`-m`) must not exit or raise: Hydra's launchers would stop the sweep, and its report
-    would never be written. It records the failure in its metrics.json (status failed) and returns None.
-    """
+
+def main(cfg: DictConfig) -> float | None:
+    """Entry point behind `python train.py`: a CharlmError becomes one line on stderr and exit code 2."""
     try:
-        with devices.claim(cfg):
-            result = fit(cfg)
-        return result[f"best_valid_{metrics.HEADLINE[result['level']]}"]
+        if devices.in_sweep():
+            return sweep_job(cfg)
+        with exit_on_error():
+            return best_valid(fit(cfg))
     except SIGTERMException:  # a SystemExit with no code, which would otherwise exit 0
         sys.exit(128 + signal.SIGTERM)
+
+
+def sweep_job(cfg: DictConfig) -> float | None:
+    """One job of a sweep (`-m`), on a device of its own. It must not exit or raise: Hydra's launchers would
+    stop the sweep, and its report would never be written. It records a failure in its metrics.json (status
+    failed) and returns None."""
+    try:
+        with devices.claim(cfg):
+            return best_valid(fit(cfg))
     except Exception as e:
-        if devices.in_sweep():
-            log.error(f"job failed: {e}", exc_info=not isinstance(e, CharlmError))
-            run_dir = Path(cfg.run_dir)
-            if not (run_dir / "metrics.json").exists():  # it failed before fit wrote one (a bad value)
-                write_metrics(run_dir, {"status": "failed", "reason": str(e) or type(e).__name__,
-                                        "run_dir": str(run_dir)})
-            return None
-        if isinstance(e, CharlmError):
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+        log.error(f"job failed: {e}", exc_info=not isinstance(e, CharlmError))
+        run_dir = Path(cfg.run_dir)
+        if not (run_dir / "metrics.json").exists():  # it failed before fit wrote one (a bad value)
+            write_metrics(run_dir, {"status": "failed", "reason": str(e) or type(e).__name__, "run_dir": str(run_dir)})
+        return None
