@@ -49,4 +49,18 @@ def run_train(*overrides: str, data_dir: Path | None = None, timeout: float = 30
                           capture_output=True, text=True, timeout=timeout)
 
 
-FAST = ("trainer.enable_progress_bar=false", "~callbacks.progress_bar", "trainer.enable_model_summary=false")
+FAST = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
+
+
+def compose_config(*overrides: str, hydra: bool = False):
+    """conf/train.yaml composed with `overrides`, as `python train.py overrides...` would (the `hydra` node too
+    with hydra=True); run_dir is a placeholder unless an override sets it."""
+    from hydra import compose, initialize_config_dir
+
+    from charlm.devices import register_resolver
+
+    register_resolver()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        if hydra:
+            return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        return compose(config_name="train", overrides=["run_dir=unused", *overrides])

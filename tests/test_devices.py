@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from charlm import devices
 from charlm.errors import CharlmError
-from conftest import FAST, ROOT, run_train
+from conftest import FAST, ROOT, compose_config, run_train
 
 
 def assert_one_job_per_device(records: list[tuple]) -> None:
@@ -69,16 +68,11 @@ def test_a_killed_job_gives_its_device_back(tmp_path):
         assert device == "only" and time.time() - start < 2
 
 
-def compose_hydra(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
-
-
 def test_parallel_launcher_runs_one_job_per_device():
-    cfg = compose_hydra("hydra/launcher=parallel", "device_pool.ids=[0,1,3]")
+    cfg = compose_config("hydra/launcher=parallel", "device_pool.ids=[0,1,3]", hydra=True)
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     assert cfg.hydra.launcher.n_jobs == 3 and cfg.device_pool.ids == [0, 1, 3]
-    cfg = compose_hydra("hydra/launcher=parallel", "device_pool.cpu_jobs=2")
+    cfg = compose_config("hydra/launcher=parallel", "device_pool.cpu_jobs=2", hydra=True)
     assert cfg.hydra.launcher.n_jobs == len(devices.pool_ids(None, 2))
     if not torch.cuda.is_available():
         assert devices.pool_ids(None, 2) == ["cpu0", "cpu1"]

@@ -41,9 +41,9 @@ def test_lstm_matrices_go_to_muon_and_the_rest_to_adamw():
     names = {id(p): n for n, p in m.named_parameters()}
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     assert sorted(names[id(p)] for p in muon.param_groups[0]["params"]) == sorted(
-        n for n, p in m.named_parameters() if ".lstm.weight" in n)
+        n for n, p in m.named_parameters() if n.startswith("net.lstm.") and ".weight" in n)
     assert {names[id(p)] for p in adamw.param_groups[0]["params"]} >= {"net.embed.weight", "net.decoder.weight",
-                                                                       "net.lstm.bias_ih_l0"}
+                                                                       "net.lstm.0.bias_ih_l0"}
 
 
 def test_one_schedule_drives_both_parts_and_the_model_learns():

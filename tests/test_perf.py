@@ -7,23 +7,14 @@ import os
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from lightning.pytorch.profilers import SimpleProfiler
 from torch import nn
 
 from charlm import cache, config
 from charlm.data import PTBDataModule
 from charlm.model import LSTMLM, dropout, dropout_masks
-from charlm.train import NoProfiler, build
-from conftest import FAST, ROOT, run_train, write_tiny_ptb
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=["run_dir=/tmp/x", *overrides])
+from conftest import FAST, ROOT, compose_config, run_train, write_tiny_ptb
 
 
 # --- the token cache ---------------------------------------------------------------------------------
@@ -95,11 +86,14 @@ def test_cache_can_be_turned_off(tiny_data, user_cache):
 
 
 # --- the model's layout and its CPU dropout ----------------------------------------------------------
-def test_time_major_model_equals_batch_first_lstm_without_dropout():
-    """The network runs time-major inside; its API and results are those of a batch_first LSTM."""
-    net = LSTMLM(11, 16, 2, dropout=0.3).eval()
+def test_time_major_model_equals_a_batch_first_lstm_without_dropout():
+    """The network runs time-major inside, one layer at a time; its API and results are those of one
+    batch_first multi-layer LSTM, whose checkpoints it also loads."""
     ref = nn.LSTM(16, 16, 2, batch_first=True)
-    ref.load_state_dict(net.lstm.state_dict())
+    net = LSTMLM(11, 16, 2, dropout=0.3)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("lstm.")}
+    net.load_state_dict({**state, **{f"lstm.{k}": v for k, v in ref.state_dict().items()}})  # the old layout
+    net.eval()
     x = torch.randint(0, 11, (4, 7))
     logits, (h, c) = net(x)
     out, (h_ref, c_ref) = ref(net.embed(x))
@@ -108,22 +102,16 @@ def test_time_major_model_equals_batch_first_lstm_without_dropout():
     torch.testing.assert_close((h, c), (h_ref, c_ref))
 
 
-def test_training_runs_layer_by_layer_with_the_projects_dropout_between():
-    """On CPU in training the layers run one at a time with charlm's dropout between (same parameters);
-    with a seed, the masks come in the order embedding, between layers, output."""
+def test_training_draws_the_dropout_masks_in_order_embedding_between_layers_output():
     torch.manual_seed(0)
     net = LSTMLM(11, 16, 2, dropout=0.3).train()
-    layers = [nn.LSTM(16, 16, 1) for _ in range(2)]
-    for k, layer in enumerate(layers):
-        layer.load_state_dict({n.replace(f"_l{k}", "_l0"): v for n, v in net.lstm.state_dict().items()
-                               if n.endswith(f"_l{k}")})
     x, h0, c0 = torch.randint(0, 11, (4, 7)), torch.randn(2, 4, 16), torch.randn(2, 4, 16)
     torch.manual_seed(1)
     logits, (h, c) = net(x, (h0, c0))
     torch.manual_seed(1)
     out = dropout(net.embed(x.t()), 0.3)
-    out, (h1, c1) = layers[0](out, (h0[:1], c0[:1]))
-    out, (h2, c2) = layers[1](dropout(out, 0.3), (h0[1:], c0[1:]))
+    out, (h1, c1) = net.lstm[0](out, (h0[:1], c0[:1]))
+    out, (h2, c2) = net.lstm[1](dropout(out, 0.3), (h0[1:], c0[1:]))
     torch.testing.assert_close(logits, net.decoder(dropout(out, 0.3)).transpose(0, 1))
     torch.testing.assert_close((h, c), (torch.cat([h1, h2]), torch.cat([c1, c2])))
 
@@ -172,34 +160,39 @@ def load_bench(name: str):
     return module
 
 
+FAULTS_PER_STEP = """
+import resource, sys
+sys.path.insert(0, {tests!r})
+from conftest import compose_config
+from charlm.train import build
+cfg = compose_config("model.hidden_size=512", "cpu.keep_freed_memory=" + sys.argv[1])
+datamodule, model, _ = build(cfg)
+optimizer = model.configure_optimizers()
+optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+for i, batch in enumerate(datamodule.train_dataloader()):
+    if i == 10:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    if i == 40:
+        break
+    model.training_step(batch, i).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 30)
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_kept_freed_memory_is_not_faulted_in_again_each_step(real_data):
-    """At 2x512 glibc's defaults fault some 8,000 pages back in every training step (weight gradients,
+    """At 2x512 glibc's defaults fault thousands of pages back in every training step (weight gradients,
     oneDNN's workspaces); with cpu.keep_freed_memory the steps reuse them. Each in a fresh process."""
-    probe = load_bench("page_faults")
+    def faults_per_step(on: bool) -> float:
+        proc = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP.format(tests=str(ROOT / "tests")),
+                               str(on).lower()], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, CHARLM_DATA_DIR=str(real_data)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return float(proc.stdout.split()[-1])
 
-    def faults_per_step(variant: str) -> float:  # in_fresh_process raises, with the child's stderr, if it fails
-        spec = [variant, ["model.hidden_size=512", f"data.data_dir={real_data}"]]
-        return probe.bench.in_fresh_process(probe.__file__, spec)["faults_per_step"]
-
-    assert faults_per_step("project") < 100 < 1000 < faults_per_step("project, keep_freed_memory off")
-
-
-@pytest.mark.parametrize("argv, writes_docs", [([], True), (["--rounds", "3"], True), (["--quick"], False),
-                                               (["--configs", "course"], False), (["--steps", "10"], False),
-                                               (["--cpu-time"], False)])
-def test_only_a_full_benchmark_replaces_the_documented_table(argv, writes_docs, tmp_path):
-    bench = load_bench("throughput")
-    assert bench.docs_target(bench.make_parser().parse_args(argv)) == (bench.DOCS if writes_docs else None)
-    mine = tmp_path / "table.md"  # --docs always writes where it is told
-    assert bench.docs_target(bench.make_parser().parse_args([*argv, "--docs", str(mine)])) == mine
-
-
-def test_quick_times_the_course_configuration_in_full_and_2x512_at_half():
-    bench = load_bench("throughput")
-    steps = {name: n for name, _, n, _ in bench.plan(bench.make_parser().parse_args(["--quick"]))}
-    assert steps == {"course": bench.CONFIGS["course"][1], "2x512": bench.CONFIGS["2x512"][1] // 2}
-    assert {n for _, _, n, _ in bench.plan(bench.make_parser().parse_args(["--steps", "7"]))} == {7}
+    assert faults_per_step(True) < 100 < 1000 < faults_per_step(False)
 
 
 # --- the benchmark's two loops train the same thing ----------------------------------------------------
@@ -223,8 +216,7 @@ def test_plain_loop_module_loop_barebones_and_project_give_the_same_losses(real_
         trainer.fit(model, datamodule=datamodule)
         return losses.values, trainer, cfg, datamodule
 
-    project, trainer, cfg, datamodule = fit(["trainer.enable_progress_bar=false", "~callbacks.progress_bar"],
-                                            tmp_path / "project")
+    project, trainer, cfg, datamodule = fit(["trainer.enable_progress_bar=false"], tmp_path / "project")
     assert (tmp_path / "project" / "tensorboard").exists() and trainer.checkpoint_callback is not None
     barebones, trainer, _, _ = fit(bench.BAREBONES, tmp_path / "barebones")  # the Trainer with nothing on
     assert trainer.barebones and trainer.checkpoint_callback is None and not (tmp_path / "barebones").exists()
@@ -237,62 +229,16 @@ def test_plain_loop_module_loop_barebones_and_project_give_the_same_losses(real_
     assert plain[-1] < plain[0]  # and it learns
 
 
-@pytest.mark.parametrize("override, kind", [(None, NoProfiler), ("trainer.profiler=simple", SimpleProfiler)])
-def test_the_default_profiler_is_free_and_a_real_one_can_be_asked_for(tiny_data, tmp_path, override, kind):
-    cfg = compose_train(f"data.data_dir={tiny_data}", f"run_dir={tmp_path}", *filter(None, [override]))
-    trainer = build(cfg)[2]
-    assert type(trainer.profiler) is kind
-    with trainer.profiler.profile("a hook"):
-        pass
-
-
-def test_step_profile_splits_each_loops_step_into_parts_that_add_up(real_data, monkeypatch):
-    profile = load_bench("step_profile")
-    monkeypatch.setattr(profile, "STEPS", 5)
-    monkeypatch.setattr(profile, "WARMUP", 2)
-    overrides = ["model.hidden_size=16", f"data.data_dir={real_data}"]
-    for row in (profile.plain(overrides), profile.project(overrides)):
-        assert row["lstm"] > 0 and row["other ops"] > 0 and row["step"] > row["lstm"] + row["other ops"]
-        assert row["lstm"] + row["other ops"] + row["python and loop"] == pytest.approx(row["step"])
-
-
-def test_manual_tbptt_probe_trains_exactly_as_the_project(real_data):
-    """bench/manual_tbptt.py measures only speed: K windows per training_step give the project's weights."""
-    probe = load_bench("manual_tbptt")
-
-    class Keep(L.Callback):
-        def on_train_end(self, trainer, pl_module):
-            self.weights = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
-
-    overrides = ["model.hidden_size=16", f"data.data_dir={real_data}"]
-    project, manual = Keep(), Keep()
-    probe.bench.run_project(overrides, 4, 2, "cpu", callbacks=[project])  # 6 steps of one window
-    probe.run_manual(overrides, 2, 4, 2, callbacks=[manual])  # 3 training_steps of two windows
-    assert project.weights.keys() == manual.weights.keys()
-    for k in project.weights:
-        torch.testing.assert_close(manual.weights[k], project.weights[k], rtol=1e-5, atol=1e-6)
-
-
-def test_page_fault_probe_counts_the_timed_steps_of_both_loops(real_data, monkeypatch):
-    probe = load_bench("page_faults")
-    monkeypatch.setattr(probe, "STEPS", 4)
-    monkeypatch.setattr(probe, "WARMUP", 2)
-    overrides = ["model.hidden_size=16", f"data.data_dir={real_data}"]
-    for variant in probe.VARIANTS:
-        row = probe.measure(variant, overrides)
-        assert row["chars_per_sec"] > 0 and row["faults_per_step"] >= 0
-
-
 # --- presets -------------------------------------------------------------------------------------------
 def test_presets_compose_within_their_budgets():
-    fast = compose_train("experiment=fast_2x200")
-    course = compose_train()
+    fast = compose_config("experiment=fast_2x200")
+    course = compose_config()
     assert (fast.model.hidden_size, fast.model.num_layers) == (course.model.hidden_size, course.model.num_layers)
     assert fast.trainer.max_epochs <= course.trainer.max_epochs
-    hour = compose_train("experiment=cpu_hour")
+    hour = compose_config("experiment=cpu_hour")
     days, hours, minutes, seconds = map(int, hour.trainer.max_time.split(":"))
     assert (days, hours * 60 + minutes + seconds / 60) <= (0, 60)
-    gpu = compose_train("experiment=gpu_best")
+    gpu = compose_config("experiment=gpu_best")
     assert (gpu.model.num_layers, gpu.model.hidden_size) == (3, 1000) and gpu.trainer.max_time
     for cfg in (fast, hour, gpu):
         config.check(cfg)

@@ -8,19 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import FAST, ROOT, run_train
+from conftest import FAST, ROOT, compose_config, run_train
 
 TINY = ("data.batch_size=4", "data.eval_batch_size=2", "model.hidden_size=16", *FAST)
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def compose_hydra(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 
 def read_summary(sweep):
@@ -113,7 +107,7 @@ def test_ddp_job_in_a_local_sweep_fails_clearly(tiny_data, tmp_path):
 
 
 def test_experiment_is_the_reports_grid():
-    cfg = compose_hydra("experiment=seq_dropout_grid")
+    cfg = compose_config("experiment=seq_dropout_grid", hydra=True)
     params = cfg.hydra.sweeper.params
     assert [int(v) for v in params["data.seq_len"].split(",")] == [5, 10, 20, 50]
     assert [float(v) for v in params["model.dropout"].split(",")] == [0, 0.2, 0.5]
@@ -132,7 +126,7 @@ def test_slurm_launcher_asks_for_one_gpu_per_job(tmp_path, monkeypatch):
 
     monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # as if srun existed
     monkeypatch.setattr(slurm.SlurmExecutor, "_submit_command", submit)
-    cfg = compose_hydra("hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}", "hydra.launcher.partition=gpu")
+    cfg = compose_config("hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}", "hydra.launcher.partition=gpu", hydra=True)
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
     with pytest.raises(RuntimeError, match="not submitted"):
@@ -153,3 +147,26 @@ def test_submitit_runs_a_sweep(tiny_data, tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     statuses = {r["overrides"].split()[0]: r["status"] for r in read_summary(sweep)}
     assert statuses == {"data.seq_len=0": "failed", "data.seq_len=5": "completed"}
+
+
+def test_a_sweep_of_words_and_characters_reports_each_by_its_own_figure(real_data, tmp_path):
+    """Word jobs are judged by perplexity, character jobs by bpc; a sweep mixing them says so."""
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", f"hydra.sweep.dir={sweep}", "data=ptb_char,ptb_word", "trainer.max_epochs=1",
+                     "trainer.limit_train_batches=20", "trainer.limit_val_batches=5", "trainer.limit_test_batches=5",
+                     *TINY, data_dir=real_data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["level"]: r for r in read_summary(sweep)}
+    assert set(rows) == {"char", "word"} and {r["status"] for r in rows.values()} == {"completed"}
+    word = json.loads((Path(rows["word"]["dir"]) / "metrics.json").read_text())
+    assert float(rows["word"]["best_valid_ppl"]) == pytest.approx(word["best_valid_ppl"], rel=1e-12)
+    assert rows["word"]["best_valid_bpc"] == "" and float(rows["char"]["best_valid_bpc"]) > 0
+    md = (sweep / "summary.md").read_text()
+    assert "mixes data levels (char, word)" in md and "best valid perplexity" in md and ".png" not in md
+    one = tmp_path / "words"  # a sweep of words alone plots perplexity
+    proc = run_train("-m", f"hydra.sweep.dir={one}", "data=ptb_word", "data.seq_len=10,20", "trainer.max_epochs=1",
+                     "trainer.limit_train_batches=20", "trainer.limit_val_batches=5", "trainer.limit_test_batches=5",
+                     *TINY, data_dir=real_data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["status"] for r in read_summary(one)] == ["completed", "completed"]
+    assert (one / "valid_ppl.png").read_bytes()[:8] == PNG and "mixes" not in (one / "summary.md").read_text()

@@ -4,18 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from conftest import FAST, ROOT, run_train
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=["run_dir=/tmp/x", *overrides])
+from conftest import FAST, ROOT, compose_config, run_train
 
 
 def test_default_config_is_the_course_report():
-    cfg = compose_train()
+    cfg = compose_config()
     assert (cfg.data.seq_len, cfg.data.batch_size) == (10, 20)
     assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.dropout, cfg.model.init_range) == (200, 2, 0.2, 0.1)
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 1.0
@@ -24,7 +18,7 @@ def test_default_config_is_the_course_report():
 
 
 def test_optimizer_is_one_override_away():
-    assert compose_train("optimizer=adamw").optimizer._target_ == "torch.optim.AdamW"
+    assert compose_config("optimizer=adamw").optimizer._target_ == "torch.optim.AdamW"
 
 
 def test_train_subprocess_writes_metrics_tensorboard_and_checkpoints(real_data, tmp_path):
@@ -89,3 +83,119 @@ def test_history_records_the_learning_rate_each_epoch_trained_at(tiny_data, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     assert [h["lr"] for h in history] == [1.0, 1.0, 0.5]  # main.lua: epochs 1..max_epoch+1 at lr, then halved
+
+
+def test_resuming_a_finished_run_is_refused_and_its_results_kept(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    common = (f"hydra.run.dir={run_dir}", "data.batch_size=4", "data.eval_batch_size=2", "model.hidden_size=16", *FAST)
+    assert run_train(*common, "trainer.max_epochs=1", data_dir=tiny_data).returncode == 0
+    metrics = (run_dir / "metrics.json").read_bytes()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = run_train(*common, "trainer.max_epochs=1", f"ckpt_path={last}", data_dir=tiny_data)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "finished run" in lines[0]
+    assert "raise trainer.max_epochs above 1" in lines[0]
+    assert (run_dir / "metrics.json").read_bytes() == metrics  # nothing written is lost
+    proc = run_train(*common, "trainer.max_epochs=2", f"ckpt_path={last}", data_dir=tiny_data)  # extending works
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    extended = json.loads((run_dir / "metrics.json").read_text())
+    assert extended["status"] == "completed" and extended["epochs"] == 2 and len(extended["history"]) == 2
+
+
+def test_lightnings_progress_bar_switch_works(tiny_data, tmp_path):
+    """trainer.enable_progress_bar=false takes the configured progress bar with it (Lightning refuses both)."""
+    from charlm.train import build
+
+    cfg = compose_config(f"data.data_dir={tiny_data}", f"run_dir={tmp_path}", "trainer.enable_progress_bar=false")
+    assert build(cfg)[2].progress_bar_callback is None
+    cfg = compose_config(f"data.data_dir={tiny_data}", f"run_dir={tmp_path}")
+    assert build(cfg)[2].progress_bar_callback.refresh_rate == cfg.callbacks.progress_bar.refresh_rate
+
+
+def test_an_impossible_batch_size_is_refused_before_the_model_is_built(tiny_data, tmp_path):
+    proc = run_train(f"hydra.run.dir={tmp_path / 'run'}", "data.batch_size=100000000", data_dir=tiny_data)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("error: data.batch_size=100000000 is too large") and "at most" in lines[0]
+    assert "params" not in proc.stdout and "Sanity" not in proc.stdout + proc.stderr  # no summary, no sanity check
+
+
+@pytest.mark.parametrize("algorithm", ["value", "norm"])
+def test_gradient_clipping_follows_the_trainers_algorithm(algorithm):
+    import torch
+
+    from charlm.module import LanguageModel
+
+    model = LanguageModel(list("abcde"), hidden_size=8, optimizer={"_target_": "torch.optim.SGD", "lr": 1.0})
+    for p in model.parameters():
+        p.grad = torch.linspace(-3, 3, p.numel()).view_as(p)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.configure_gradient_clipping(optimizer, 0.5, algorithm)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    if algorithm == "value":
+        assert grads.abs().max() == pytest.approx(0.5) and (grads.abs() == 0.5).sum() > 1
+    else:
+        assert grads.norm() == pytest.approx(0.5, rel=1e-4) and grads.abs().max() < 0.5
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_serves_what_a_user_compares_runs_by(tiny_data, tmp_path):
+    """A finished run served by a real TensorBoard on 127.0.0.1: its scalars, its text samples, and an HPARAMS
+    tab of the values that define the experiment under readable names, with no plumbing."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    run_dir = tmp_path / "run"
+    proc = run_train(f"hydra.run.dir={run_dir}", "debug=smoke", "data.batch_size=4", "data.eval_batch_size=2",
+                     "model.hidden_size=16", data_dir=tiny_data)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir), "--host",
+                               "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def get(path: str, body: dict | None = None):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST" if body else "GET",
+                                         data=json.dumps(body).encode() if body else None,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                runs = get("/data/runs")
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "TensorBoard did not start"
+                time.sleep(0.5)
+        assert runs == ["tensorboard"]
+        scalars = set(get("/data/plugin/scalars/tags")["tensorboard"])
+        assert {"train/loss", "train/step_bpc", "train/grad_norm", "valid/bpc",
+                "valid/best_bpc", "test/bpc", "lr-SGD"} <= scalars
+        assert get("/data/plugin/text/tags")["tensorboard"] == ["valid/sample/text_summary"]
+        experiment = get("/data/plugin/hparams/experiment", {"experimentName": ""})
+        columns = {h["name"]: h for h in experiment["hparamInfos"]}
+        assert {"data/seq_len", "data/batch_size", "model/hidden_size", "model/dropout", "optimizer", "optimizer/lr",
+                "scheduler", "trainer/max_epochs", "trainer/gradient_clip_val", "seed"} <= set(columns)
+        groups = get("/data/plugin/hparams/session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": [{"hparam": n} for n in columns],
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})
+        values = groups["sessionGroups"][0]["hparams"]
+        assert (values["optimizer"], values["scheduler"], values["data"]) == ("sgd", "zaremba", "ptb_char")
+        assert (values["model/hidden_size"], values["data/batch_size"], values["optimizer/lr"]) == (16, 4, 1.0)
+        plumbing = ("_target_", "data_dir", "cache", "download", "verify", "accelerator", "devices", "progress_bar")
+        assert not [name for name in columns if any(p in name for p in plumbing)] and len(columns) <= 30
+        assert [m["name"]["tag"] for m in experiment["metricInfos"]] == ["valid/best_bpc"]
+    finally:
+        server.kill()
+        server.wait()

@@ -13,9 +13,8 @@ from charlm import config, metrics, ptb
 from charlm.data import PTBDataModule, TextDataModule, batchify
 from charlm.errors import CharlmError
 from charlm.module import LanguageModel, ZarembaDecay
-from conftest import FAST, run_train
+from conftest import FAST, compose_config, run_train
 from test_download import serve  # noqa: F401  (the local HTTP server fixture)
-from test_train import compose_train
 
 SMALL = ("model.hidden_size=16", "model.num_layers=1", "trainer.max_epochs=1",
          "trainer.limit_train_batches=10", "trainer.limit_val_batches=5", "trainer.limit_test_batches=5",
@@ -139,7 +138,7 @@ def recipe(cfg) -> tuple:
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_zaremba_experiments_compose_to_the_papers_recipes(name):
-    cfg = compose_train(f"experiment={name}")
+    cfg = compose_config(f"experiment={name}")
     assert recipe(cfg) == RECIPES[name]
     assert cfg.data.level == "word" and cfg.model.num_layers == 2 and cfg.model.sum_over_time
     assert (cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.test_batch_size) == (20, 20, 1)
@@ -210,7 +209,7 @@ def test_unseen_character_is_an_error_under_the_error_policy(tmp_path):
 ])
 def test_text_settings_are_checked(override, message):
     with pytest.raises(CharlmError, match=re.escape(message)):
-        config.check(compose_train("data=text", "data.path=t.txt", override))
+        config.check(compose_config("data=text", "data.path=t.txt", override))
 
 
 def test_text_mistakes_are_one_line_errors(tmp_path):
@@ -224,6 +223,8 @@ def test_text_mistakes_are_one_line_errors(tmp_path):
     assert lines[0].startswith("error: the valid part of t.txt holds 'z' (character 4202 of the file)")
     with pytest.raises(CharlmError, match="data.path=nowhere.txt does not exist"):
         TextDataModule("nowhere.txt").setup()
+    proc = run_train(f"hydra.run.dir={tmp_path / 'run'}", "data=text", f"data.path={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: data.path={tmp_path} is a directory; set data.path to a UTF-8 text file"
 
 
 @pytest.fixture(scope="module")
