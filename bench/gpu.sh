@@ -45,7 +45,7 @@ echo "== throughput ($device)"
 
 echo "== experiment=gpu_best, short ($device)"
 "$PY" train.py experiment=gpu_best "${run[@]}" hydra.run.dir="$OUT/gpu_best" \
-  trainer.enable_progress_bar=false '~callbacks.progress_bar' > "$OUT/gpu_best.log" 2>&1 \
+  trainer.enable_progress_bar=false > "$OUT/gpu_best.log" 2>&1 \
   || { tail -30 "$OUT/gpu_best.log"; exit 1; }
 
 "$PY" - "$OUT" <<'EOF'

@@ -12,7 +12,8 @@ with its best settings (BEST, or --best). With --module-loop, "module loop" is t
 LightningModule, optimiser and clipping stepped by a loop like the plain one: the project without the
 Trainer. With --barebones, "barebones" is the same module in Lightning's `Trainer(barebones=True)`, which
 switches off everything that costs (logging, checkpoints, progress bar, profiler): the Trainer's own
-floor. Every run is a fresh Python process, as a user's would be, timed after its warm-up steps; the
+floor. With --tricks, "without T" is the project with its speed trick T switched off, one variant per trick
+(TRICKS), and the table at the end gives each trick's gain, project / without T. Every run is a fresh Python process, as a user's would be, timed after its warm-up steps; the
 variants alternate, several rounds, and each ratio is the median over rounds of variant / plain measured
 in the same round. Characters per second count predicted symbols. The last line is
 `course_ratio=R1 best_ratio=R2`: the project against
@@ -67,6 +68,29 @@ BAREBONES = ["~callbacks", "~logger", "trainer.enable_progress_bar=false", "trai
 # the variants a flag adds to plain, project and best: --module-loop and --barebones, with what each one is
 EXTRA_VARIANTS = {"module loop": "the project's model code without the Trainer",
                   "barebones": "the project's module in Trainer(barebones=True)"}
+
+
+def torch_dropout_masks(x, p, count=1):
+    """F.dropout's masks (bernoulli_, one draw per element, then scaled), for charlm.model.dropout_masks."""
+    return torch.empty((count, *x.shape), dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)
+
+
+def without(trick: str) -> list[str]:
+    """Switch one of the project's speed tricks off in this process (a fresh one per run); its overrides."""
+    import charlm.model
+    import charlm.module
+
+    if trick == "16-bit dropout masks":
+        charlm.model.dropout_masks = torch_dropout_masks
+    elif trick == "CPU clipping":
+        charlm.module.clip_grad_norm = torch.nn.utils.clip_grad_norm_
+    elif trick == "self.log on logging steps only":
+        charlm.module.LanguageModel._logging_step = lambda self: True
+    return ["cpu.keep_freed_memory=false"] if trick == "keep_freed_memory" else []
+
+
+# --tricks: the project with one speed trick off each; a trick's gain is project / that variant, same round
+TRICKS = ("16-bit dropout masks", "CPU clipping", "keep_freed_memory", "self.log on logging steps only")
 clock = time.perf_counter  # --cpu-time: time.process_time, steadier than wall time on a busy machine
 
 
@@ -96,19 +120,14 @@ class StepClock(L.Callback):
             self.chars, self.end = self.chars + batch[1].numel(), clock()
 
 
-def run_project(overrides: list[str], steps: int, warmup: int, device: str, callbacks: list = (),
-                module=None) -> float:
-    """Characters per second of `python train.py overrides` over `steps` steps after `warmup`; `callbacks`
-    run before the clock's at each batch end (bench/step_profile.py starts its profiler there); `module`,
-    if given, makes the LightningModule to fit from the project's (bench/manual_tbptt.py)."""
+def run_project(overrides: list[str], steps: int, warmup: int, device: str) -> float:
+    """Characters per second of `python train.py overrides` over `steps` steps after `warmup`."""
     accelerator = "gpu" if device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_config([*overrides, *BENCH, f"trainer.accelerator={accelerator}",
                               f"trainer.limit_train_batches={warmup + steps}"], run_dir)
         timer = StepClock(warmup, device)
-        datamodule, model, trainer = build(cfg, extra_callbacks=[*callbacks, timer])
-        if module is not None:
-            model = module(model)
+        datamodule, model, trainer = build(cfg, extra_callbacks=[timer])
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
             trainer.fit(model, datamodule=datamodule)
     return timer.chars / (timer.end - timer.start)
@@ -186,9 +205,8 @@ def repackage_hidden(h):
 
 
 def plain_loop(cfg, train_ids: torch.Tensor, ntoken: int, steps: int, warmup: int = 0,
-               device: str = "cpu", at_start=None) -> tuple[float, list[float]]:
-    """Characters per second over `steps` steps after `warmup`, and every step's loss. `at_start` is
-    called as timing starts (bench/step_profile.py starts its profiler there)."""
+               device: str = "cpu") -> tuple[float, list[float]]:
+    """Characters per second over `steps` steps after `warmup`, and every step's loss."""
     if cfg.optimizer._target_ != "torch.optim.SGD" or cfg.model.sum_over_time:
         raise ValueError("the plain loop trains with plain SGD on the mean NLL, as the course does")
     torch.manual_seed(cfg.seed)
@@ -203,8 +221,6 @@ def plain_loop(cfg, train_ids: torch.Tensor, ntoken: int, steps: int, warmup: in
     for batch, i in enumerate(range(0, (warmup + steps) * bptt, bptt)):
         if batch == warmup:
             sync(device)
-            if at_start:
-                at_start()
             start = clock()
         data, targets = get_batch(train_data, i, bptt)
         model.zero_grad()
@@ -259,12 +275,11 @@ def train_split(cfg) -> tuple[int, torch.Tensor]:
     return len(datamodule.vocab), datamodule.ids["train"]
 
 
-def run_plain(overrides: list[str], steps: int, warmup: int, device: str = "cpu", at_start=None) -> float:
-    """Characters per second of the plain loop on the data and configuration `overrides` compose; `at_start`
-    as in plain_loop."""
+def run_plain(overrides: list[str], steps: int, warmup: int, device: str = "cpu") -> float:
+    """Characters per second of the plain loop on the data and configuration `overrides` compose."""
     cfg = compose_config(overrides, "unused")
     ntoken, train_ids = train_split(cfg)
-    return plain_loop(cfg, train_ids, ntoken, steps, warmup, device, at_start)[0]
+    return plain_loop(cfg, train_ids, ntoken, steps, warmup, device)[0]
 
 
 def measure(variant: str, overrides: list[str], steps: int, warmup: int, device: str) -> float:
@@ -275,6 +290,8 @@ def measure(variant: str, overrides: list[str], steps: int, warmup: int, device:
         return module_loop(overrides, steps, warmup, device)[0]
     if variant == "barebones":
         return run_project([*overrides, *BAREBONES], steps, warmup, device)
+    if variant.startswith("without "):
+        return run_project([*overrides, *without(variant[len("without "):])], steps, warmup, device)
     return run_project(overrides, steps, warmup, device)
 
 
@@ -301,8 +318,7 @@ def alternate(runs: dict, rounds: int, label: str) -> dict[str, list[float]]:
     for r in range(rounds):
         names = list(runs)
         for k in names[r % len(names):] + names[:r % len(names)]:
-            torch.set_num_threads(DEFAULT_THREADS)  # the project's cpu.* settings must not leak into
-            torch.set_flush_denormal(False)         # the plain loop, which runs with torch's defaults
+            torch.set_num_threads(DEFAULT_THREADS)  # the project's cpu.threads must not leak into the plain loop
             cps[k].append(runs[k]())
         print(f"  {label} round {r + 1}/{rounds}: " + "  ".join(f"{k} {cps[k][-1]:,.0f}" for k in runs), flush=True)
     return cps
@@ -338,6 +354,8 @@ def bench_config(name: str, overrides: list[str], steps: int, warmup: int, round
             "chars_per_sec": {k: statistics.median(v) for k, v in cps.items()}, "all_chars_per_sec": cps,
             "round_ratios": {k: round_ratios(cps, k) for k in runs if k != "plain"},
             "ratio": ratio["project"], "best_ratio": ratio["best"],
+            "trick_gains": {k[len("without "):]: statistics.median(a / b for a, b in zip(cps["project"], cps[k]))
+                            for k in runs if k.startswith("without ")},
             **{ratio_key(variant): ratio.get(variant) for variant in EXTRA_VARIANTS}}  # None: not run
 
 
@@ -357,6 +375,14 @@ def table(result: dict) -> str:
         rows.append(f"| {c['name']} | {c['model']} | {c['batch_size']} × {c['seq_len']} | {cps['plain']:,.0f} | "
                     f"{cps['project']:,.0f} | {c['ratio']:.2f} | {cps['best']:,.0f} | {c['best_ratio']:.2f} | "
                     f"{f / 1e6:.2f} | {pct['plain']:.1f}, {pct['project']:.1f} % | {pct['best']:.1f} % |")
+    return "\n".join(rows)
+
+
+def tricks_table(configs: list[dict]) -> str:
+    """What each speed trick buys: the project's speed over the project's with that trick off, per configuration."""
+    rows = ["| trick | " + " | ".join(c["name"] for c in configs) + " |", "|---|" + "---:|" * len(configs)]
+    for trick in TRICKS:
+        rows.append(f"| {trick} | " + " | ".join(f"{c['trick_gains'][trick]:.3f}×" for c in configs) + " |")
     return "\n".join(rows)
 
 
@@ -428,6 +454,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="also time the project's module stepped by a hand-written loop, without the Trainer")
     parser.add_argument("--barebones", action="store_true",
                         help="also time the project's module in Lightning's Trainer(barebones=True): the Trainer's floor")
+    parser.add_argument("--tricks", action="store_true",
+                        help="also time the project with each speed trick off: what each one buys")
     parser.add_argument("--json", type=Path, help="default outputs/bench/throughput-<device>[-quick].json")
     parser.add_argument("--docs", type=Path, help=f"write the table into this file (default {DOCS.relative_to(ROOT)}, "
                                                    "but none with --quick, --configs, --steps or --cpu-time)")
@@ -456,6 +484,7 @@ def main() -> None:
     print(f"peak matmul GFLOP/s: fp32 {peak['fp32']:,.0f}  bf16 {peak['bf16']:,.0f}", flush=True)
     configs = []
     extra = tuple(v for v, on in (("module loop", args.module_loop), ("barebones", args.barebones)) if on)
+    extra += tuple(f"without {t}" for t in TRICKS) if args.tricks else ()
     for name, overrides, steps, warmup in plan(args):
         configs.append(bench_config(name, overrides, steps, warmup, rounds, args.best, args.device, extra))
     result = {"date": datetime.date.today().isoformat(), "device": args.device, "machine": machine_name(args.device),
@@ -470,9 +499,11 @@ def main() -> None:
         print(f"table written to {docs}")
     print(f"results: {json_path}")
     print("best / plain: " + ", ".join(f"{c['name']} {c['best_ratio']:.2f}" for c in configs))
-    for variant in extra:
+    for variant in (v for v in extra if v in EXTRA_VARIANTS):
         print(f"{variant} / plain ({EXTRA_VARIANTS[variant]}): "
               + ", ".join(f"{c['name']} {c[ratio_key(variant)]:.2f}" for c in configs))
+    if args.tricks:
+        print(tricks_table(configs))
     course = next((c for c in configs if c["name"] == "course"), configs[0])
     best = next((c for c in configs if c["name"] == BEST_AT), configs[-1])
     print(f"course_ratio={course['ratio']:.2f} best_ratio={best['best_ratio']:.2f}")
