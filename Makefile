@@ -2,7 +2,7 @@
 # Extra arguments: make train ARGS="model.dropout=0.5"; make test ARGS="-k data".
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The shared PTB copy beside the project when there is one (CI, this workplace); else data/ptb, downloaded.
+# A PTB copy beside the checkout (../shared/data/ptb) when there is one; else data/ptb, downloaded there.
 CHARLM_DATA_DIR ?= $(if $(wildcard ../shared/data/ptb/ptb.char.train.txt),$(abspath ../shared/data/ptb),data/ptb)
 export CHARLM_DATA_DIR
 
