@@ -3,9 +3,9 @@
 import hydra
 
 import charlm.train
-from charlm.devices import register_resolver
+from charlm import resolvers
 
-register_resolver()  # conf/hydra/launcher/parallel.yaml sizes its pool with it
+resolvers.register()  # ${charlm.*:...} in conf/hydra/
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

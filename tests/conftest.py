@@ -57,9 +57,9 @@ def compose_config(*overrides: str, hydra: bool = False):
     with hydra=True); run_dir is a placeholder unless an override sets it."""
     from hydra import compose, initialize_config_dir
 
-    from charlm.devices import register_resolver
+    from charlm import resolvers
 
-    register_resolver()
+    resolvers.register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         if hydra:
             return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)

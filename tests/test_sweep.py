@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,10 +164,20 @@ def test_a_sweep_of_words_and_characters_reports_each_by_its_own_figure(real_dat
     assert rows["word"]["best_valid_bpc"] == "" and float(rows["char"]["best_valid_bpc"]) > 0
     md = (sweep / "summary.md").read_text()
     assert "mixes data levels (char, word)" in md and "best valid perplexity" in md and ".png" not in md
-    one = tmp_path / "words"  # a sweep of words alone plots perplexity
-    proc = run_train("-m", f"hydra.sweep.dir={one}", "data=ptb_word", "data.seq_len=10,20", "trainer.max_epochs=1",
-                     "trainer.limit_train_batches=20", "trainer.limit_val_batches=5", "trainer.limit_test_batches=5",
-                     *TINY, data_dir=real_data)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["status"] for r in read_summary(one)] == ["completed", "completed"]
-    assert (one / "valid_ppl.png").read_bytes()[:8] == PNG and "mixes" not in (one / "summary.md").read_text()
+    words = tmp_path / "words"  # the word job alone, reported as a sweep of words: perplexity, plotted
+    shutil.copytree(rows["word"]["dir"], words / "0")
+    report = subprocess.run([sys.executable, "-m", "charlm.report", str(words), "--x", "data.level"],
+                            capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "best valid perplexity" in report.stdout and "mixes" not in report.stdout
+    assert (words / "learning_curves.png").read_bytes()[:8] == PNG
+
+
+def test_a_jobs_directory_name_fits_any_file_system_and_stays_its_own():
+    from charlm.resolvers import MAX_DIRNAME, dirname
+
+    short = "data.seq_len=10,model.dropout=0.2"
+    assert dirname(short) == short
+    long = ",".join(f"trainer.limit_{k}_batches=5" for k in ("train", "val", "test")) * 4
+    a, b = dirname(long + ",seed=1"), dirname(long + ",seed=2")
+    assert len(a.encode()) <= MAX_DIRNAME and a != b and a.startswith("trainer.limit_train_batches=5")

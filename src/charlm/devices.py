@@ -42,13 +42,6 @@ def pool_ids(ids=None, cpu_jobs: int | None = None) -> list:
     return [f"cpu{i}" for i in range(cpu_jobs or cpu_count())]
 
 
-def register_resolver() -> None:
-    """`${charlm.pool_size:ids,cpu_jobs}`, the parallel launcher's n_jobs: as many jobs at once as the pool
-    has devices. Registered by the entry point before Hydra composes the launcher's config."""
-    if not OmegaConf.has_resolver("charlm.pool_size"):
-        OmegaConf.register_new_resolver("charlm.pool_size", lambda ids, cpu_jobs: len(pool_ids(ids, cpu_jobs)))
-
-
 @contextmanager
 def hold(ids: list, lock_dir: Path, poll_s: float = 0.2) -> Iterator:
     """Hold the first free id of `ids` until the block ends; wait while every id is held by another job."""
