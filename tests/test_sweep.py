@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -112,7 +113,8 @@ def test_experiment_is_the_reports_grid():
     params = cfg.hydra.sweeper.params
     assert [int(v) for v in params["data.seq_len"].split(",")] == [5, 10, 20, 50]
     assert [float(v) for v in params["model.dropout"].split(",")] == [0, 0.2, 0.5]
-    assert cfg.trainer.max_epochs == 1 and cfg.data.batch_size == 20 and cfg.model.hidden_size == 200
+    assert cfg.trainer.max_epochs == compose_config().trainer.max_epochs == 2  # the report's budget
+    assert cfg.data.batch_size == 20 and cfg.model.hidden_size == 200
 
 
 def test_slurm_launcher_asks_for_one_gpu_per_job(tmp_path, monkeypatch):
@@ -181,3 +183,75 @@ def test_a_jobs_directory_name_fits_any_file_system_and_stays_its_own():
     long = ",".join(f"trainer.limit_{k}_batches=5" for k in ("train", "val", "test")) * 4
     a, b = dirname(long + ",seed=1"), dirname(long + ",seed=2")
     assert len(a.encode()) <= MAX_DIRNAME and a != b and a.startswith("trainer.limit_train_batches=5")
+
+
+def job_dirs(sweep: Path) -> dict[str, Path]:
+    """A sweep's job directories by their data.seq_len override."""
+    jobs = {}
+    for hydra_dir in (d for d in sweep.glob("*/.hydra") if (d / "overrides.yaml").is_file()):
+        overrides = dict(o.split("=", 1) for o in OmegaConf.load(hydra_dir / "overrides.yaml") if "=" in o)
+        jobs[overrides["data.seq_len"]] = hydra_dir.parent
+    return jobs
+
+
+def digests(job: Path) -> dict[str, str]:
+    """Every file a job wrote, Hydra's .hydra/ and train.log aside (Hydra rewrites them for every launch)."""
+    import hashlib
+
+    return {str(p.relative_to(job)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(job.rglob("*"))
+            if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
+
+
+def test_a_killed_sweep_is_finished_by_running_its_command_again(tmp_path):
+    import signal
+    import time
+
+    from conftest import write_tiny_ptb
+
+    data = write_tiny_ptb(tmp_path / "ptb", repeat=400)  # ~600 windows an epoch: time to kill mid-epoch
+    sweep = tmp_path / "sweep"
+    command = ["-m", f"hydra.sweep.dir={sweep}", "trainer.max_epochs=1", "sweep.every_n_train_steps=50", *TINY]
+    env = dict(os.environ, CHARLM_DATA_DIR=str(data), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *command, "data.seq_len=5,10"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (len(jobs := job_dirs(sweep)) == 2 and (jobs["10"] / "checkpoints" / "last.ckpt").exists()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
+        time.sleep(0.05)
+    rows = {r["overrides"]: r for r in read_summary(sweep)}  # written when the first job ended
+    assert [r["status"] for r in rows.values()] == ["completed"]
+    report = subprocess.run([sys.executable, "-m", "charlm.report", str(sweep)], capture_output=True, text=True)
+    assert "1 completed, 1 running" in report.stdout
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    report = subprocess.run([sys.executable, "-m", "charlm.report", str(sweep)], capture_output=True, text=True)
+    assert "1 completed, 1 interrupted" in report.stdout
+    first = digests(jobs["5"])
+
+    again = run_train(*command, "data.seq_len=5,10,20", data_dir=data)  # the same sweep, its grid grown by one
+    assert again.returncode == 0, again.stderr[-3000:]
+    jobs_after = job_dirs(sweep)
+    assert jobs_after["5"] == jobs["5"] and jobs_after["10"] == jobs["10"] and len(jobs_after) == 3
+    assert digests(jobs["5"]) == first  # the completed job is kept as it was
+    assert "resuming the interrupted job" in (jobs["10"] / "train.log").read_text()
+    single = run_train(f"hydra.run.dir={tmp_path / 'single'}", "trainer.max_epochs=1", "data.seq_len=10", *TINY,
+                       data_dir=data)
+    assert single.returncode == 0, single.stderr[-2000:]
+    expected = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    resumed = json.loads((jobs["10"] / "metrics.json").read_text())
+    assert resumed["valid"]["bpc"] == expected["valid"]["bpc"] and resumed["steps"] == expected["steps"]
+    assert [r["status"] for r in read_summary(sweep)] == ["completed"] * 3
+
+
+def test_failed_jobs_run_again_or_are_kept_and_fail_fast_skips_the_rest(tiny_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    command = ["-m", f"hydra.sweep.dir={sweep}", "data.seq_len=0,5,10", "trainer.max_epochs=1", *TINY]
+    assert run_train(*command, "sweep.fail_fast=true", data_dir=tiny_data).returncode == 1
+    assert {r["overrides"].split("data.seq_len=")[1].split()[0]: r["status"] for r in read_summary(sweep)} == {
+        "0": "failed", "5": "skipped", "10": "skipped"}
+    assert run_train(*command, data_dir=tiny_data).returncode == 1  # again: the failed job runs again
+    jobs = job_dirs(sweep)
+    assert (jobs["0"] / "attempts" / "1" / "metrics.json").is_file()
+    assert [json.loads((jobs[k] / "metrics.json").read_text())["status"] for k in ("5", "10")] == ["completed"] * 2
+    assert run_train(*command, "sweep.rerun_failed=false", data_dir=tiny_data).returncode == 1
+    assert not (jobs["0"] / "attempts" / "2").exists()  # kept as failed

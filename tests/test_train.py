@@ -199,3 +199,38 @@ def test_tensorboard_serves_what_a_user_compares_runs_by(tiny_data, tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_time_budget_sizes_the_epochs_and_the_schedule_ends_annealed(tiny_data, tmp_path):
+    import torch
+
+    run_dir = tmp_path / "run"
+    proc = run_train(f"hydra.run.dir={run_dir}", "scheduler=onecycle_budget", "optimizer=adamw",
+                     "trainer.max_epochs=1000", "trainer.max_time=00:00:00:08", "callbacks.time_budget.margin=0.3",
+                     "trainer.limit_train_batches=10", "trainer.limit_val_batches=2", "data.batch_size=4",
+                     "data.eval_batch_size=2", "model.hidden_size=16", *FAST, data_dir=tiny_data)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert "epochs fit in the time budget" in proc.stdout and 2 <= metrics["epochs"] < 1000
+    assert ckpt["callbacks"]["FitTimeBudget"]["epochs"] == metrics["epochs"]  # ended by the epochs it set
+    schedule = ckpt["lr_schedulers"][0]
+    assert schedule["lr_lambdas"][0]["total_steps"] == metrics["steps"]
+    assert schedule["_last_lr"][0] == pytest.approx(0.002 / 1000)  # annealed to its end: lr / (10 x 100)
+
+
+def test_a_slower_first_epoch_fits_fewer_epochs(monkeypatch):
+    from types import SimpleNamespace
+
+    from charlm.callbacks import FitTimeBudget
+
+    fitted = []
+    for epoch_seconds in (60, 120):
+        budget, clock = FitTimeBudget("00:01:00:00", margin=0.0), iter([0.0, float(epoch_seconds)])
+        monkeypatch.setattr("charlm.callbacks.time.monotonic", lambda: next(clock))
+        trainer = SimpleNamespace(max_epochs=100, current_epoch=0, lr_scheduler_configs=[], num_training_batches=10,
+                                  fit_loop=SimpleNamespace(max_epochs=100))  # the first epoch ends
+        budget.on_train_start(trainer, None)
+        budget.on_train_epoch_end(trainer, None)
+        fitted.append(trainer.fit_loop.max_epochs)
+    assert fitted == [60, 30]

@@ -150,18 +150,18 @@ class Model:
     def _step(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         """ids (batch,) -> logits (batch, V) for the next symbol, and the new state."""
         if state is None:
-            zeros = torch.zeros(len(self._cells), ids.size(0), self.net.lstm[0].hidden_size, device=ids.device)
-            state = (zeros, zeros)
+            state = tuple(tuple(torch.zeros(1, ids.size(0), layer.hidden_size, device=ids.device) for layer in self.net.lstm)
+                          for _ in "hc")
         # layer 0 by hand (nn.LSTM's gate order i, f, g, o), the layers above through lstm_cell
-        i, f, g, o = torch.addmm(self._input_gates()[ids], state[0][0], self._cells[0][1].t()).chunk(4, 1)
-        c = torch.sigmoid(f) * state[1][0] + torch.sigmoid(i) * torch.tanh(g)
+        i, f, g, o = torch.addmm(self._input_gates()[ids], state[0][0][0], self._cells[0][1].t()).chunk(4, 1)
+        c = torch.sigmoid(f) * state[1][0][0] + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
-        hs, cs = [h], [c]
+        hs, cs = [h[None]], [c[None]]
         for k in range(1, len(self._cells)):
-            h, c = torch.lstm_cell(h, (state[0][k], state[1][k]), *self._cells[k])
-            hs.append(h)
-            cs.append(c)
-        return self.net.decoder(h), (torch.stack(hs), torch.stack(cs))
+            h, c = torch.lstm_cell(h, (state[0][k][0], state[1][k][0]), *self._cells[k])
+            hs.append(h[None])
+            cs.append(c[None])
+        return self.net.decoder(h), (tuple(hs), tuple(cs))
 
     def next_logprobs(self, state: State | None, symbol: str) -> tuple[torch.Tensor, State]:
         """Read `symbol` after `state` (None: the start of a text); return the log-probabilities of every

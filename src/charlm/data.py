@@ -61,48 +61,71 @@ class BPTTWindows(Dataset):
 
     Window i+1 starts where window i ended in every row, so the hidden state carried from one window is
     the right start for the next. `rows` picks a contiguous subset of streams (one rank's shard).
+
+    With `variable_length`, each epoch's windows have lengths drawn as AWD-LSTM draws them (seq_len with
+    probability 0.95, else seq_len / 2, plus normal noise of 5 steps, at least 5 and at most seq_len + 40),
+    from a generator seeded by `seed` and the epoch (`set_epoch`), so a resumed run gets the same windows.
+    The lengths are then scaled to cover the split exactly in as many windows as fixed ones would take, so
+    an epoch always has the same number of steps (the schedules count on it).
     """
 
-    def __init__(self, streams: torch.Tensor, seq_len: int, rows: slice = slice(None)):
+    def __init__(self, streams: torch.Tensor, seq_len: int, rows: slice = slice(None),
+                 variable_length: bool = False, seed: int = 0):
         # kept time-major, (steps, streams), as the network reads them: a window is one contiguous block,
         # handed out as a (batch, time) view of it
         self.steps = streams[rows].t().contiguous()
-        self.seq_len = seq_len
+        self.seq_len, self.variable_length, self.seed = seq_len, variable_length, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The window boundaries of `epoch` (0-based): every `seq_len` steps, or drawn (variable_length)."""
+        n = self.steps.size(0) - 1
+        count = -(-n // self.seq_len)
+        if not self.variable_length:
+            self.ends = torch.arange(1, count + 1) * self.seq_len
+        else:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            base = torch.where(torch.rand(count, generator=gen) < 0.95, self.seq_len, self.seq_len / 2)
+            lengths = (base + 5 * torch.randn(count, generator=gen)).long()
+            lengths = lengths.clamp(min(5, self.seq_len), self.seq_len + 40).double()
+            self.ends = (lengths.cumsum(0) * (n / lengths.sum())).round().long()
+        self.ends = self.ends.clamp(max=n).tolist()
 
     def __len__(self) -> int:
-        return -(-(self.steps.size(0) - 1) // self.seq_len)
+        return len(self.ends)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        start = i * self.seq_len
-        end = min(start + self.seq_len, self.steps.size(0) - 1)
+        start, end = (self.ends[i - 1] if i else 0), self.ends[i]
         return self.steps[start:end].t(), self.steps[start + 1 : end + 1].t()
 
 
 class WindowLoader:
-    """Iterates the windows in order, each pass from the first, except the first pass after
-    `load_state_dict`: a checkpoint taken mid-epoch resumes at the next window (Lightning saves and
-    restores iterables that have `state_dict`)."""
+    """Iterates the windows in order, each pass (epoch) from the first, except the first pass after
+    `load_state_dict`: a checkpoint taken mid-epoch resumes at the next window of the same epoch (Lightning
+    saves and restores iterables that have `state_dict`)."""
 
     def __init__(self, windows: BPTTWindows):
-        self.windows, self.position, self.resume_at = windows, 0, 0
+        self.windows, self.position, self.resume_at, self.epoch = windows, 0, 0, 0
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __iter__(self):
         start, self.resume_at = self.resume_at, 0
+        self.windows.set_epoch(self.epoch)
         for i in range(start, len(self.windows)):
             self.position = i + 1
             yield self.windows[i]
         self.position = 0
+        self.epoch += 1
 
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.position, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.resume_at = int(state["position"])
+        self.resume_at, self.epoch = int(state["position"]), int(state.get("epoch", 0))
 
 
 class StreamDataModule(L.LightningDataModule):
@@ -111,14 +134,16 @@ class StreamDataModule(L.LightningDataModule):
     The one loader of the project: subclasses only say how to read the streams (`load`). `level` names
     the kind of symbol (charlm.metrics picks the figures that make sense for it). The test split may be
     read with its own number of streams (`test_batch_size`; Zaremba's main.lua scores test as one stream).
+    `variable_length` draws the training windows' lengths around seq_len (BPTTWindows), from the run's seed.
     """
 
     level = "char"
 
     def __init__(self, seq_len: int = 10, batch_size: int = 20, eval_batch_size: int = 10,
-                 test_batch_size: int | None = None):
+                 test_batch_size: int | None = None, variable_length: bool = False):
         super().__init__()
         self.seq_len, self.batch_size, self.eval_batch_size = seq_len, batch_size, eval_batch_size
+        self.variable_length = variable_length
         self.test_batch_size = test_batch_size or eval_batch_size
         self.vocab: Vocab | None = None
         self.ids: dict[str, torch.Tensor] = {}
@@ -151,11 +176,14 @@ class StreamDataModule(L.LightningDataModule):
         share = batch_size // world
         return slice(rank * share, (rank + 1) * share)
 
-    def _loader(self, split: str, batch_size: int) -> WindowLoader:
-        return WindowLoader(BPTTWindows(batchify(self.ids[split], batch_size), self.seq_len, self._rows(batch_size)))
+    def _loader(self, split: str, batch_size: int, variable_length: bool = False) -> WindowLoader:
+        streams = batchify(self.ids[split], batch_size)
+        # torch.initial_seed() is the run's seed (seed_everything), in this process and in a resumed one
+        return WindowLoader(BPTTWindows(streams, self.seq_len, self._rows(batch_size), variable_length,
+                                        torch.initial_seed()))
 
     def train_dataloader(self) -> WindowLoader:
-        return self._loader("train", self.batch_size)
+        return self._loader("train", self.batch_size, self.variable_length)
 
     def val_dataloader(self) -> WindowLoader:
         return self._loader("valid", self.eval_batch_size)
@@ -176,8 +204,8 @@ class PTBDataModule(StreamDataModule):
 
     def __init__(self, data_dir: str, level: str = "char", seq_len: int = 10, batch_size: int = 20,
                  eval_batch_size: int = 10, test_batch_size: int | None = None, download: bool = True,
-                 url: str = ptb.WORD_URL, verify: bool = True, cache: bool = True):
-        super().__init__(seq_len, batch_size, eval_batch_size, test_batch_size)
+                 url: str = ptb.WORD_URL, verify: bool = True, cache: bool = True, variable_length: bool = False):
+        super().__init__(seq_len, batch_size, eval_batch_size, test_batch_size, variable_length)
         self.data_dir = Path(os.path.expanduser(str(data_dir)))
         self.level, self.url, self.download, self.verify, self.cache = level, url, download, verify, cache
 
@@ -215,8 +243,8 @@ class TextDataModule(StreamDataModule):
 
     def __init__(self, path: str, valid_fraction: float = 0.05, test_fraction: float = 0.05,
                  unknown: str = "unk", seq_len: int = 100, batch_size: int = 20, eval_batch_size: int = 10,
-                 test_batch_size: int | None = None):
-        super().__init__(seq_len, batch_size, eval_batch_size, test_batch_size)
+                 test_batch_size: int | None = None, variable_length: bool = False):
+        super().__init__(seq_len, batch_size, eval_batch_size, test_batch_size, variable_length)
         self.path = Path(os.path.expanduser(str(path)))
         self.valid_fraction, self.test_fraction, self.unknown = valid_fraction, test_fraction, unknown
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -34,6 +35,31 @@ class ZarembaDecay:
         return self.decay ** -max(0, epoch - self.max_epoch)
 
 
+class OneCycle:
+    """OneCycleLR's shape as a LambdaLR factor whose length can change while the run goes: a linear warm-up
+    from 1/div_factor to 1 over the first pct_start of total_steps, then a linear or cosine anneal to
+    1/(div_factor * final_div_factor) at the last step. torch's OneCycleLR fixes its length when it is made;
+    here charlm.callbacks.FitTimeBudget shortens it once the first epoch shows how many fit in
+    trainer.max_time. LambdaLR saves the factor's attributes with its state, so a resumed run keeps them."""
+
+    def __init__(self, total_steps: int | str = "auto", pct_start: float = 0.1, div_factor: float = 10,
+                 final_div_factor: float = 100, anneal_strategy: str = "linear"):
+        self.total_steps, self.pct_start, self.anneal = total_steps, pct_start, anneal_strategy
+        self.start, self.end = 1 / div_factor, 1 / (div_factor * final_div_factor)
+
+    def __call__(self, step: int) -> float:
+        """The factor at `step`, phase by phase as torch's OneCycleLR (three_phase off) computes it."""
+        warm_end = self.pct_start * self.total_steps - 1
+        if step <= warm_end:
+            t, a, b = step / warm_end, self.start, 1.0
+        else:
+            t, a, b = (step - warm_end) / (self.total_steps - 1 - warm_end), 1.0, self.end
+        t = min(t, 1.0)
+        if self.anneal == "linear":
+            return a + (b - a) * t
+        return b + (a - b) * (1 + math.cos(math.pi * t)) / 2
+
+
 class LanguageModel(L.LightningModule):
     """The LSTM language model trained with truncated BPTT.
 
@@ -42,20 +68,30 @@ class LanguageModel(L.LightningModule):
     `level` is the data's kind of symbol: it picks the reported figures (charlm.metrics). With
     `sum_over_time` the gradient is that of the NLL summed over a window's steps and averaged over the
     batch, as in Zaremba's main.lua (seq_len times the per-symbol mean's, which is what is logged).
+    `ar_alpha` and `tar_beta` add AWD-LSTM's activation regularisation (alpha times the mean square of the
+    last layer's dropped output) and temporal activation regularisation (beta times the mean square of the
+    change of its raw output from one step to the next) to the training loss; the logged loss is the NLL.
+    `network` holds LSTMLM's other options (per-place, locked, embedding and weight dropout, tied weights).
+    A window shorter or longer than `data.seq_len` (data.variable_length) trains at the learning rate
+    scaled by its length / seq_len, as AWD-LSTM does.
     """
 
     def __init__(self, vocab: list[str], hidden_size: int = 200, num_layers: int = 2, dropout: float = 0.2,
                  init_range: float = 0.1, optimizer: dict | None = None, scheduler: dict | None = None,
-                 level: str = "char", sum_over_time: bool = False):
+                 level: str = "char", sum_over_time: bool = False, ar_alpha: float = 0.0, tar_beta: float = 0.0,
+                 seq_len: int | None = None, **network):
         super().__init__()
         self.save_hyperparameters({"vocab": list(vocab), "hidden_size": hidden_size, "num_layers": num_layers,
                                    "dropout": dropout, "init_range": init_range,
                                    "optimizer": _plain(optimizer), "scheduler": _plain(scheduler),
-                                   "level": level, "sum_over_time": sum_over_time},
+                                   "level": level, "sum_over_time": sum_over_time, "ar_alpha": ar_alpha,
+                                   "tar_beta": tar_beta, "seq_len": seq_len, **network},
                                   logger=False)
         self.vocab = list(vocab)
         self.level, self.headline = level, metrics.HEADLINE[level]
-        self.net = LSTMLM(len(vocab), hidden_size, num_layers, dropout, init_range)
+        self.net = LSTMLM(len(vocab), hidden_size, num_layers, dropout, init_range, **network)
+        self.saved_lr: list[float] | None = None  # the learning rates a variable-length window scaled
+        self.window_len: int | None = None  # the last training window's length
         # ModuleDict keys may not shadow Module attributes such as .train, hence the suffix; no NaN
         # check inside the metric (a host sync every step): divergence is caught in training_step.
         self.nll = torch.nn.ModuleDict({f"{s}_nll": TokenNLL() for s in ("train", "valid", "test")})
@@ -67,29 +103,58 @@ class LanguageModel(L.LightningModule):
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         return self.net(x, state)
 
-    def _nll(self, batch: tuple[torch.Tensor, torch.Tensor], state: State | None) -> tuple[torch.Tensor, State]:
+    def _nll(self, batch: tuple[torch.Tensor, torch.Tensor], state: State | None,
+             penalty: bool = False) -> tuple[torch.Tensor, State] | tuple[torch.Tensor, State, torch.Tensor]:
+        """Mean NLL of a window and the state after it; with `penalty`, also AR + TAR of its last layer."""
         x, y = batch
-        logits, state = self.net(x, state)
+        alpha, beta = self.hparams.get("ar_alpha", 0.0), self.hparams.get("tar_beta", 0.0)
+        logits, state, (raw, dropped) = self.net(x, state, outputs=True)
         # the logits are a (batch, time) view of time-major memory: read in place, time-major, as are the targets
-        return F.cross_entropy(logits.transpose(0, 1).flatten(0, 1).float(), y.t().flatten()), state
+        nll = F.cross_entropy(logits.transpose(0, 1).flatten(0, 1).float(), y.t().flatten())
+        if not penalty:
+            return nll, state
+        extra = torch.zeros((), device=nll.device)
+        if alpha:
+            extra = extra + alpha * dropped.float().pow(2).mean()
+        if beta and raw.size(0) > 1:
+            extra = extra + beta * (raw[1:] - raw[:-1]).float().pow(2).mean()
+        return nll, state, extra
 
     # --- training -------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if batch_idx == 0:  # a new epoch; a run resumed mid-epoch continues at batch_idx > 0 with its state
             self.train_state = None
             self.nll["train_nll"].reset()
-        loss, state = self._nll(batch, self.train_state)
+        loss, state, extra = self._nll(batch, self.train_state, penalty=True)
         if not math.isfinite(value := loss.item()):  # a host sync, as torch.isfinite's would be: none on CPU
             raise CharlmError(f"training diverged: the loss is {value} at step {self.global_step} "
                               f"(epoch {self.current_epoch + 1}); lower optimizer.lr or the clipping threshold "
                               f"and start again (best.ckpt holds the best weights so far)")
         self.train_state = detach(state)
+        self.window_len = batch[1].size(1)
         self.nll["train_nll"].update(loss.detach(), batch[1].numel())
         if self._logging_step():
             self.log("train/loss", loss, prog_bar=True)
             self.log_dict({f"train/step_{k}": v for k, v in metrics.per_step(loss.detach(), self.level).items()},
                           prog_bar=True)
-        return loss * batch[1].size(1) if self.hparams.sum_over_time else loss
+        if self.hparams.sum_over_time:
+            return loss * batch[1].size(1) + extra
+        return loss + extra
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A window of another length than data.seq_len (data.variable_length) steps at the learning rate
+        scaled by length / seq_len, after clipping, as AWD-LSTM's main.py does; restored after the step."""
+        seq_len, length = self.hparams.get("seq_len"), getattr(self, "window_len", None)
+        if seq_len and length and length != seq_len:
+            self.saved_lr = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] *= length / seq_len
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.saved_lr is not None:  # before the schedulers step, which read their own state, not the lr
+            for group, lr in zip(self.trainer.optimizers[0].param_groups, self.saved_lr):
+                group["lr"] = lr
+            self.saved_lr = None
 
     def _logging_step(self) -> bool:
         """Whether the trainer writes this step's metrics to its loggers (every `log_every_n_steps`).
@@ -163,10 +228,11 @@ class LanguageModel(L.LightningModule):
         opt = hydra.utils.instantiate(cfg, params=self.named_parameters() if named else self.parameters())
         if not self.hparams.scheduler:
             return opt
-        cfg = dict(self.hparams.scheduler)
+        cfg = copy.deepcopy(dict(self.hparams.scheduler))
         interval = cfg.pop("interval", "epoch")
-        if cfg.get("total_steps") == "auto":  # e.g. OneCycleLR over exactly this run's steps
-            cfg["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        for node in (cfg, cfg.get("lr_lambda")):  # OneCycleLR or charlm's OneCycle over exactly this run's steps
+            if isinstance(node, dict) and node.get("total_steps") == "auto":
+                node["total_steps"] = int(self.trainer.estimated_stepping_batches)
         sched = hydra.utils.instantiate(cfg, optimizer=opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
@@ -189,6 +255,8 @@ class LanguageModel(L.LightningModule):
         self.best_valid = saved.get(f"best_valid_{self.headline}", math.inf)
         if "train_state" in saved:
             self.train_state = saved["train_state"]
+            if isinstance(self.train_state, tuple) and isinstance(self.train_state[0], torch.Tensor):
+                self.train_state = tuple(tuple(t.split(1)) for t in self.train_state)  # (layers, batch, H) before
             self.nll["train_nll"].total, self.nll["train_nll"].count = saved["train_nll"]
         if "rng" in saved:
             torch.set_rng_state(saved["rng"]["torch"])

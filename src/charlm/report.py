@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import io
 import json
 import logging
@@ -18,10 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import metrics
+from charlm import devices, metrics, sweep
 from charlm.errors import CharlmError, exit_on_error
 from charlm.files import atomic_write, write_json
 
@@ -63,8 +65,13 @@ def load_job(job_dir: Path) -> dict:
     num = OmegaConf.select(OmegaConf.load(hydra_dir / "hydra.yaml"), "hydra.job.num", default=None)
     overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
     path = job_dir / "metrics.json"
-    m = json.loads(path.read_text()) if path.is_file() else {
-        "status": "failed", "reason": "no metrics.json: the job never ran to its end (killed, or still running)"}
+    if path.is_file():
+        m = json.loads(path.read_text())
+    elif sweep.is_running(job_dir):
+        m = {"status": "running"}
+    else:
+        m = {"status": "interrupted", "reason": "no metrics.json: killed before its end; run the sweep's command "
+                                                "again to resume it from its last.ckpt"}
     level = _level(m, cfg)
     headline = metrics.HEADLINE[level]
     if m.get("status") == "completed":
@@ -120,9 +127,12 @@ def write_csv(jobs: list[dict], path: Path) -> None:
 
 
 def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: Path, sweep: dict) -> None:
-    failed = [j for j in jobs if j["row"]["status"] != "completed"]
+    order = ["completed", "running", "interrupted", "skipped", "failed"]
+    statuses = sorted({j["row"]["status"] for j in jobs}, key=lambda s: order.index(s) if s in order else len(order))
+    counts = {s: sum(j["row"]["status"] == s for j in jobs) for s in statuses}
+    failed = [j for j in jobs if j["row"]["status"] not in ("completed", "running")]
     lines = [f"# Sweep {path.parent.name}", "",
-             f"{len(jobs)} jobs: {len(jobs) - len(failed)} completed, {len(failed)} failed."]
+             f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + "."]
     if _finite(sweep.get("wall_time_s")):
         lines[-1] += f" Wall time of the sweep: {sweep['wall_time_s']:.1f} s."
     if sweep.get("command"):
@@ -145,7 +155,7 @@ def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: P
         lines.append(f"| {_fmt(r['job'])} | {_label(j, common)} | {r['status']} | " + " | ".join(cells)
                      + f" | {_fmt(r['epochs'])} | {_fmt(r['wall_time_s'], 1)} | {_fmt(r['device'])} |")
     if failed:
-        lines += ["", "Failed jobs:", ""]
+        lines += ["", "Jobs that did not complete:", ""]
         for j in failed:
             reason = " ".join((j["row"]["reason"] or "").split())
             lines.append(f"- job {_fmt(j['row']['job'])} ({_label(j, common)}): {reason[:300]}")
@@ -234,10 +244,23 @@ def write(sweep_dir: Path, x: str = "data.seq_len", group: str = "model.dropout"
 
 
 class SweepReport(Callback):
-    """Hydra callback: when a multirun ends, time it and write its report; exit 1 if any job failed."""
+    """Hydra callback: the report rewritten each time a job ends (in the job's process, one writer at a time)
+    and when the multirun ends, timed; exit 1 then if any job did not complete."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.started = time.time()
+        (Path(config.hydra.sweep.dir) / sweep.FAILED).unlink(missing_ok=True)  # fail_fast counts this launch
+
+    def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
+        if not devices.in_sweep():
+            return
+        sweep_dir = Path(HydraConfig.get().sweep.dir)
+        try:
+            with open(sweep_dir / ".report.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                write(sweep_dir)
+        except Exception as e:  # a report that cannot be written must not fail the job
+            log.warning(f"the sweep report was not rewritten: {e}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -247,6 +270,7 @@ class SweepReport(Callback):
         write_json(sweep_dir / "sweep.json", sweep)
         rows = write(sweep_dir)
         failed = [r for r in rows if r["status"] != "completed"]
+        (sweep_dir / ".report.lock").unlink(missing_ok=True)
         log.info(f"report: {sweep_dir / 'summary.md'}")
         if failed:
             log.error(f"{len(failed)} of {len(rows)} jobs failed: " + ", ".join(str(r["job"]) for r in failed)

@@ -15,6 +15,8 @@ def dirname(overrides: str) -> str:
     """A sweep job's directory name from its overrides (hydra.job.override_dirname), kept readable and short
     enough for any file system: a long one keeps its start and ends in an MD5 of the whole, so two jobs
     never share a name."""
+    if not overrides:
+        return "default"
     if len(overrides.encode()) <= MAX_DIRNAME:
         return overrides
     digest = hashlib.md5(overrides.encode()).hexdigest()[:12]

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import checkpoint, config, devices, metrics
+from charlm import checkpoint, config, devices, metrics, sweep
 from charlm.callbacks import History, SaveOnInterrupt
 from charlm.errors import CharlmError, exit_on_error
 from charlm.files import write_json
@@ -123,7 +123,8 @@ def build(cfg: DictConfig, extra_callbacks: list = ()) -> tuple[L.LightningDataM
         checkpoint.check_vocab(ckpt, datamodule.vocab.symbols, cfg.ckpt_path)
         checkpoint.check_unfinished(ckpt, cfg.trainer.max_epochs, cfg.ckpt_path)
     model = hydra.utils.instantiate(cfg.model, vocab=datamodule.vocab.symbols, optimizer=cfg.optimizer,
-                                    scheduler=cfg.get("scheduler"), level=datamodule.level, _recursive_=False)
+                                    scheduler=cfg.get("scheduler"), level=datamodule.level, _recursive_=False,
+                                    seq_len=datamodule.seq_len if datamodule.variable_length else None)
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning's switch takes the configured bar with it
@@ -203,15 +204,32 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def sweep_job(cfg: DictConfig) -> float | None:
-    """One job of a sweep (`-m`), on a device of its own. It must not exit or raise: Hydra's launchers would
-    stop the sweep, and its report would never be written. It records a failure in its metrics.json (status
-    failed) and returns None."""
+    """One job of a sweep (`-m`), on a device of its own, as charlm.sweep plans it from what its directory
+    holds: kept if it completed, resumed if it was interrupted, run again if it failed. It must not exit or
+    raise: Hydra's launchers would stop the sweep, and its report would never be written. It records a
+    failure in its metrics.json (status failed) and returns None."""
+    run_dir = Path(cfg.run_dir)
+    todo = sweep.plan(cfg)
+    if todo in ("done", "keep failed"):
+        log.info(f"job {todo}, kept as it is: {run_dir}")
+        return best_valid(sweep.read_metrics(run_dir)) if todo == "done" else None
+    if todo == "skip":
+        write_metrics(run_dir, {"status": "skipped", "reason": "sweep.fail_fast: an earlier job failed",
+                                "run_dir": str(run_dir)})
+        return None
+    if todo == "resume":
+        log.info(f"resuming the interrupted job from {cfg.ckpt_path}")
+    sweep.mark_running(run_dir)
+    failed = True
     try:
         with devices.claim(cfg):
-            return best_valid(fit(cfg))
+            value = best_valid(fit(cfg))
+        failed = False
+        return value
     except Exception as e:
         log.error(f"job failed: {e}", exc_info=not isinstance(e, CharlmError))
-        run_dir = Path(cfg.run_dir)
         if not (run_dir / "metrics.json").exists():  # it failed before fit wrote one (a bad value)
             write_metrics(run_dir, {"status": "failed", "reason": str(e) or type(e).__name__, "run_dir": str(run_dir)})
         return None
+    finally:
+        sweep.mark_ended(run_dir, failed)
