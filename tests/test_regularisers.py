@@ -136,11 +136,17 @@ def test_variable_length_windows_cover_each_epoch_in_the_same_count_and_repeat_w
 
 def test_a_windows_learning_rate_is_scaled_by_its_length_for_its_step_only():
     model = LanguageModel(list("abcd"), hidden_size=8, seq_len=10, optimizer={"_target_": "torch.optim.SGD", "lr": 1.0})
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model.window_len = 15
-    model.on_before_optimizer_step(optimizer)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.75)
-    assert model.saved_lr == [0.5]
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+
+    def closure():  # Lightning's: the forward and backward of a window of 15 steps
+        model.window_len = 15
+        weight.grad = torch.ones(1)
+        return torch.zeros(())
+
+    model.optimizer_step(0, 0, optimizer, closure)
+    assert weight.item() == pytest.approx(-0.75)  # stepped at 0.5 x 15 / 10
+    assert optimizer.param_groups[0]["lr"] == 0.5  # and no longer
 
 
 def test_awd_lstm_char_composes_to_the_recipe():

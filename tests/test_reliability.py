@@ -55,8 +55,15 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
-def test_killed_run_resumes_to_the_same_result(long_data, tmp_path):
-    common = (*SMALL, "trainer.max_epochs=2", "checkpoint.every_n_train_steps=100")
+# every regulariser on (charlm.model, data.variable_length): their masks and window lengths resume exactly too
+REGULARISED = ("model.dropout=0.2", "model.dropout_hidden=0.3", "model.locked_dropout=true",
+               "model.dropout_embedding=0.1", "model.weight_drop=0.3", "model.embedding_size=8", "model.tie_weights=true",
+               "model.ar_alpha=1", "model.tar_beta=1", "data.variable_length=true")
+
+
+@pytest.mark.parametrize("options", [(), REGULARISED], ids=["course", "regularised"])
+def test_killed_run_resumes_to_the_same_result(options, long_data, tmp_path):
+    common = (*SMALL, *options, "trainer.max_epochs=2", "checkpoint.every_n_train_steps=100")
     full = tmp_path / "full"
     assert run_train(f"hydra.run.dir={full}", *common, data_dir=long_data).returncode == 0
     expected = json.loads((full / "metrics.json").read_text())

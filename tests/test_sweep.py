@@ -141,15 +141,67 @@ def test_slurm_launcher_asks_for_one_gpu_per_job(tmp_path, monkeypatch):
     assert "srun" in script and "submitit.core._submit" in script
 
 
-def test_submitit_runs_a_sweep(tiny_data, tmp_path):
-    """The same submitit path as SLURM (pickled job, worker process, results), on this machine."""
+def submitit_job_pid(sweep: Path) -> int | None:
+    """The process running a submitit job of `sweep` on this machine (submitit.core._submit <its folder>)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmdline and any(str(sweep).encode() in part for part in cmdline):
+            return int(proc.name)
+    return None
+
+
+def test_a_preempted_submitit_job_is_requeued_and_resumes_to_the_same_result(tmp_path):
+    """The same submitit path as SLURM (pickled job, worker process, results, requeue), on this machine: the
+    job gets the pre-emption signal SLURM sends (USR2), submitit requeues it, and the restarted job resumes
+    from its own last step checkpoint to the uninterrupted run's result."""
+    import signal
+    import time
+
+    from conftest import write_tiny_ptb
+
+    data = write_tiny_ptb(tmp_path / "ptb", repeat=400)
     sweep = tmp_path / "sweep"
-    proc = run_train("-m", "hydra/launcher=submitit_local", "hydra.launcher.gpus_per_node=0",
-                     f"hydra.sweep.dir={sweep}", "data.seq_len=0,5", "trainer.max_epochs=1", *TINY,
-                     data_dir=tiny_data, timeout=600)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    statuses = {r["overrides"].split()[0]: r["status"] for r in read_summary(sweep)}
-    assert statuses == {"data.seq_len=0": "failed", "data.seq_len=5": "completed"}
+    common = ("trainer.max_epochs=1", "data.seq_len=10", *TINY)
+    env = dict(os.environ, CHARLM_DATA_DIR=str(data), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+                             "hydra.launcher.gpus_per_node=0", f"hydra.sweep.dir={sweep}",
+                             "sweep.every_n_train_steps=50", *common], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list(sweep.glob("*/checkpoints/step.ckpt")) or (pid := submitit_job_pid(sweep)) is None:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGUSR2)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    (job,) = [d.parent for d in sweep.glob("*/.hydra")]
+    log = (job / "train.log").read_text()
+    assert "resuming the interrupted job" in log
+    assert "Caught signal SIGUSR2" in "".join(p.read_text() for p in sweep.glob(".submitit/*/*.err"))
+    single = run_train(f"hydra.run.dir={tmp_path / 'single'}", *common, data_dir=data)
+    assert single.returncode == 0, single.stderr[-2000:]
+    expected = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    resumed = json.loads((job / "metrics.json").read_text())
+    assert resumed["status"] == "completed" and resumed["valid"]["bpc"] == expected["valid"]["bpc"]
+    events = [list((d / "tensorboard").glob("events.out.tfevents.*")) for d in (job, tmp_path / "single")]
+    assert len(events[0]) == len(events[1]) + 1  # the same TensorBoard run, continued after the requeue
+
+
+def test_lightning_does_not_requeue_as_well_under_slurm(tiny_data, tmp_path, monkeypatch):
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from charlm.train import build
+
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "charlm", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(key, value)
+    trainer = build(compose_config(f"data.data_dir={tiny_data}", f"run_dir={tmp_path}"))[2]
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue
+    cfg = compose_config("hydra/launcher=slurm", hydra=True)
+    assert cfg.hydra.launcher.max_num_timeout > 0  # a job that reaches its time limit is requeued too
 
 
 def test_a_sweep_of_words_and_characters_reports_each_by_its_own_figure(real_data, tmp_path):

@@ -90,7 +90,6 @@ class LanguageModel(L.LightningModule):
         self.vocab = list(vocab)
         self.level, self.headline = level, metrics.HEADLINE[level]
         self.net = LSTMLM(len(vocab), hidden_size, num_layers, dropout, init_range, **network)
-        self.saved_lr: list[float] | None = None  # the learning rates a variable-length window scaled
         self.window_len: int | None = None  # the last training window's length
         # ModuleDict keys may not shadow Module attributes such as .train, hence the suffix; no NaN
         # check inside the metric (a host sync every step): divergence is caught in training_step.
@@ -141,20 +140,26 @@ class LanguageModel(L.LightningModule):
             return loss * batch[1].size(1) + extra
         return loss + extra
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """A window of another length than data.seq_len (data.variable_length) steps at the learning rate
-        scaled by length / seq_len, after clipping, as AWD-LSTM's main.py does; restored after the step."""
-        seq_len, length = self.hparams.get("seq_len"), getattr(self, "window_len", None)
-        if seq_len and length and length != seq_len:
-            self.saved_lr = [group["lr"] for group in optimizer.param_groups]
-            for group in optimizer.param_groups:
-                group["lr"] *= length / seq_len
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, except that a window of another length than data.seq_len (data.variable_length)
+        steps at the learning rate scaled by length / seq_len, as AWD-LSTM's main.py does. The scaling sits
+        between the closure (forward, backward) and the update, and is undone before anything else runs, so
+        no checkpoint or scheduler ever sees it."""
+        seq_len, saved = self.hparams.get("seq_len"), []
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.saved_lr is not None:  # before the schedulers step, which read their own state, not the lr
-            for group, lr in zip(self.trainer.optimizers[0].param_groups, self.saved_lr):
+        def closure():
+            loss = optimizer_closure()
+            if seq_len and self.window_len and self.window_len != seq_len:
+                for group in optimizer.param_groups:
+                    saved.append(group["lr"])
+                    group["lr"] *= self.window_len / seq_len
+            return loss
+
+        try:
+            optimizer.step(closure=closure)
+        finally:
+            for group, lr in zip(optimizer.param_groups, saved):
                 group["lr"] = lr
-            self.saved_lr = None
 
     def _logging_step(self) -> bool:
         """Whether the trainer writes this step's metrics to its loggers (every `log_every_n_steps`).

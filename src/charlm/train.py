@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -135,8 +136,11 @@ def build(cfg: DictConfig, extra_callbacks: list = ()) -> tuple[L.LightningDataM
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", every_n_train_steps=every,
                                          save_last=True, save_top_k=1, enable_version_counter=False))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    plugins = [checkpoint.AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # submitit requeues pre-empted jobs (hydra/launcher=slurm): Lightning must not too
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                 plugins=[checkpoint.AtomicCheckpointIO()])
+                                                 plugins=plugins)
     return datamodule, model, trainer
 
 
@@ -220,13 +224,12 @@ def sweep_job(cfg: DictConfig) -> float | None:
     if todo == "resume":
         log.info(f"resuming the interrupted job from {cfg.ckpt_path}")
     sweep.mark_running(run_dir)
-    failed = True
+    failed = False  # an interruption (SystemExit: submitit's requeue, SIGTERM) is not a failure
     try:
         with devices.claim(cfg):
-            value = best_valid(fit(cfg))
-        failed = False
-        return value
+            return best_valid(fit(cfg))
     except Exception as e:
+        failed = True
         log.error(f"job failed: {e}", exc_info=not isinstance(e, CharlmError))
         if not (run_dir / "metrics.json").exists():  # it failed before fit wrote one (a bad value)
             write_metrics(run_dir, {"status": "failed", "reason": str(e) or type(e).__name__, "run_dir": str(run_dir)})
