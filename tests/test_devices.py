@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from charlm import devices
 from charlm.errors import CharlmError
-from conftest import FAST, ROOT, compose_config, run_train
+from conftest import FAST, compose_config, run_train
 
 
 def assert_one_job_per_device(records: list[tuple]) -> None:
