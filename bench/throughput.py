@@ -70,9 +70,10 @@ EXTRA_VARIANTS = {"module loop": "the project's model code without the Trainer",
                   "barebones": "the project's module in Trainer(barebones=True)"}
 
 
-def torch_dropout_masks(x, p, count=1):
+def torch_dropout_masks(like, shapes, ps):
     """F.dropout's masks (bernoulli_, one draw per element, then scaled), for charlm.model.dropout_masks."""
-    return torch.empty((count, *x.shape), dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)
+    return [torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
+            for shape, p in zip(shapes, ps)]
 
 
 def without(trick: str) -> list[str]:

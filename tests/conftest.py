@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Two test workers share the cores (pyproject's -n 2): one thread each, for them and the runs they start,
+# or torch's threads of the two would spin against each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 TINY_TEXT = "the cat sat on the mat\nthe dog ate the cat\na cat and a dog sat\n"
 
 

@@ -242,7 +242,8 @@ def test_presets_compose_within_their_budgets():
     assert (gpu.model.num_layers, gpu.model.hidden_size) == (3, 1000) and gpu.trainer.max_time
     for cfg in (fast, hour, gpu):
         config.check(cfg)
-        assert cfg.scheduler.total_steps == "auto" and cfg.scheduler.interval == "step"
+        schedule = cfg.scheduler.get("lr_lambda") or cfg.scheduler  # cpu_hour: the budget-fitted OneCycle
+        assert schedule.total_steps == "auto" and cfg.scheduler.interval == "step"
 
 
 @pytest.mark.parametrize("preset", ["fast_2x200", "cpu_hour", "gpu_best"])

@@ -61,7 +61,8 @@ REGULARISED = ("model.dropout=0.2", "model.dropout_hidden=0.3", "model.locked_dr
                "model.ar_alpha=1", "model.tar_beta=1", "data.variable_length=true")
 
 
-@pytest.mark.parametrize("options", [(), REGULARISED], ids=["course", "regularised"])
+@pytest.mark.parametrize("options", [pytest.param((), marks=pytest.mark.slow), REGULARISED],
+                         ids=["course", "regularised"])  # the course's resume: the sweep tests too
 def test_killed_run_resumes_to_the_same_result(options, long_data, tmp_path):
     common = (*SMALL, *options, "trainer.max_epochs=2", "checkpoint.every_n_train_steps=100")
     full = tmp_path / "full"

@@ -197,9 +197,21 @@ def test_lightning_does_not_requeue_as_well_under_slurm(tiny_data, tmp_path, mon
     for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "charlm", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():
         monkeypatch.setenv(key, value)
-    trainer = build(compose_config(f"data.data_dir={tiny_data}", f"run_dir={tmp_path}"))[2]
-    environment = trainer.strategy.cluster_environment
-    assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue
+    import signal
+
+    import lightning as L
+
+    class Handlers(L.Callback):  # what answers SLURM's USR1 while training
+        def on_train_start(self, trainer, pl_module):
+            self.usr1 = signal.getsignal(signal.SIGUSR1)
+
+    assert SLURMEnvironment.detect()
+    handlers = Handlers()
+    cfg = compose_config(f"data.data_dir={tiny_data}", f"run_dir={tmp_path}", "trainer.limit_train_batches=1",
+                         "trainer.max_epochs=1", "trainer.limit_val_batches=0", *FAST)
+    datamodule, model, trainer = build(cfg, extra_callbacks=[handlers])
+    trainer.fit(model, datamodule=datamodule)
+    assert handlers.usr1 in (signal.SIG_DFL, None)  # Lightning's requeue handler is not installed
     cfg = compose_config("hydra/launcher=slurm", hydra=True)
     assert cfg.hydra.launcher.max_num_timeout > 0  # a job that reaches its time limit is requeued too
 
@@ -260,21 +272,23 @@ def test_a_killed_sweep_is_finished_by_running_its_command_again(tmp_path):
 
     from conftest import write_tiny_ptb
 
-    data = write_tiny_ptb(tmp_path / "ptb", repeat=400)  # ~600 windows an epoch: time to kill mid-epoch
+    data = write_tiny_ptb(tmp_path / "ptb", repeat=1200)  # ~1,800 windows an epoch: time to kill mid-epoch
     sweep = tmp_path / "sweep"
     command = ["-m", f"hydra.sweep.dir={sweep}", "trainer.max_epochs=1", "sweep.every_n_train_steps=50", *TINY]
     env = dict(os.environ, CHARLM_DATA_DIR=str(data), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *command, "data.seq_len=5,10"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while not (len(jobs := job_dirs(sweep)) == 2 and (jobs["10"] / "checkpoints" / "last.ckpt").exists()):
+    while not (len(jobs := job_dirs(sweep)) == 2 and (jobs["10"] / "checkpoints" / "step.ckpt").exists()):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
-        time.sleep(0.05)
+        time.sleep(0.01)
+    from charlm.report import load_job
+
+    running = load_job(jobs["10"])["row"]["status"]  # as `python -m charlm.report` shows it now
+    proc.send_signal(signal.SIGKILL)
+    assert running == "running"
     rows = {r["overrides"]: r for r in read_summary(sweep)}  # written when the first job ended
     assert [r["status"] for r in rows.values()] == ["completed"]
-    report = subprocess.run([sys.executable, "-m", "charlm.report", str(sweep)], capture_output=True, text=True)
-    assert "1 completed, 1 running" in report.stdout
-    proc.send_signal(signal.SIGKILL)
     proc.wait()
     report = subprocess.run([sys.executable, "-m", "charlm.report", str(sweep)], capture_output=True, text=True)
     assert "1 completed, 1 interrupted" in report.stdout
