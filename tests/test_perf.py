@@ -184,11 +184,12 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 30)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_kept_freed_memory_is_not_faulted_in_again_each_step(real_data):
     """At 2x512 glibc's defaults fault thousands of pages back in every training step (weight gradients,
-    oneDNN's workspaces); with cpu.keep_freed_memory the steps reuse them. Each in a fresh process."""
+    oneDNN's workspaces); with cpu.keep_freed_memory the steps reuse them. Each in a fresh process, with
+    training's two threads (one thread's workspaces can fit glibc's defaults)."""
     def faults_per_step(on: bool) -> float:
         proc = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP.format(tests=str(ROOT / "tests")),
                                str(on).lower()], capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, CHARLM_DATA_DIR=str(real_data)))
+                              env=dict(os.environ, CHARLM_DATA_DIR=str(real_data), OMP_NUM_THREADS="2"))
         assert proc.returncode == 0, proc.stderr[-2000:]
         return float(proc.stdout.split()[-1])
 
