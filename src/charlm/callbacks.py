@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from charlm import metrics
 from charlm.api import Model
+from charlm.module import OneCycle
 
 
 class Throughput(L.Callback):
@@ -159,8 +160,6 @@ class FitTimeBudget(L.Callback):
             print(f"{self.spent / done:.1f} s an epoch: {self.epochs} epochs fit in the time budget", flush=True)
 
     def _apply(self, trainer) -> None:
-        from charlm.module import OneCycle
-
         trainer.fit_loop.max_epochs = self.epochs
         for config in trainer.lr_scheduler_configs:
             for factor in getattr(config.scheduler, "lr_lambdas", []):

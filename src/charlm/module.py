@@ -39,7 +39,7 @@ class OneCycle:
     """OneCycleLR's shape as a LambdaLR factor whose length can change while the run goes: a linear warm-up
     from 1/div_factor to 1 over the first pct_start of total_steps, then a linear or cosine anneal to
     1/(div_factor * final_div_factor) at the last step. torch's OneCycleLR fixes its length when it is made;
-    here charlm.callbacks.FitTimeBudget shortens it once the first epoch shows how many fit in
+    here charlm.callbacks.FitTimeBudget shortens it when the epochs so far show fewer fit in
     trainer.max_time. LambdaLR saves the factor's attributes with its state, so a resumed run keeps them."""
 
     def __init__(self, total_steps: int | str = "auto", pct_start: float = 0.1, div_factor: float = 10,
