@@ -162,7 +162,7 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_to_the_same_result(tmp
 
     from conftest import write_tiny_ptb
 
-    data = write_tiny_ptb(tmp_path / "ptb", repeat=400)
+    data = write_tiny_ptb(tmp_path / "ptb", repeat=1200)  # ~1,800 windows: time to signal it mid-epoch
     sweep = tmp_path / "sweep"
     common = ("trainer.max_epochs=1", "data.seq_len=10", *TINY)
     env = dict(os.environ, CHARLM_DATA_DIR=str(data), PYTHONUNBUFFERED="1")
@@ -173,7 +173,7 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_to_the_same_result(tmp
     deadline = time.time() + 240
     while not list(sweep.glob("*/checkpoints/step.ckpt")) or (pid := submitit_job_pid(sweep)) is None:
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.kill(pid, signal.SIGUSR2)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     (job,) = [d.parent for d in sweep.glob("*/.hydra")]

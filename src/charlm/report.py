@@ -64,14 +64,11 @@ def load_job(job_dir: Path) -> dict:
     cfg = OmegaConf.load(hydra_dir / "config.yaml")
     num = OmegaConf.select(OmegaConf.load(hydra_dir / "hydra.yaml"), "hydra.job.num", default=None)
     overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
-    path = job_dir / "metrics.json"
-    if path.is_file():
-        m = json.loads(path.read_text())
-    elif sweep.is_running(job_dir):
-        m = {"status": "running"}
-    else:
-        m = {"status": "interrupted", "reason": "no metrics.json: killed before its end; run the sweep's command "
-                                                "again to resume it from its last.ckpt"}
+    m = sweep.read_metrics(job_dir)
+    if m is None:
+        interrupted = {"status": "interrupted", "reason": "no metrics.json: killed before its end; run the "
+                                                          "sweep's command again to resume it from its last.ckpt"}
+        m = {"status": "running"} if sweep.is_running(job_dir) else interrupted
     level = _level(m, cfg)
     headline = metrics.HEADLINE[level]
     if m.get("status") == "completed":

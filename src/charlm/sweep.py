@@ -46,11 +46,11 @@ def is_running(run_dir: Path) -> bool:
     if mark.get("host") != socket.gethostname():
         return True  # another node's job: trust its mark
     try:
-        os.kill(int(mark["pid"]), 0)
+        os.kill(int(mark["pid"]), 0)  # PermissionError: alive, another user's
     except (ProcessLookupError, ValueError, KeyError):
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
