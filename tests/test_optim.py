@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from charlm.module import LanguageModel
 from charlm.model import LSTMLM
-from charlm.optim import MuonAdamW, clip_grad_norm
+from charlm.optim import Float32Muon, MuonAdamW, clip_grad_norm
 
 ONE_CYCLE = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "interval": "step", "max_lr": 0.03,
              "total_steps": 100, "cycle_momentum": False}
@@ -39,7 +39,7 @@ def test_lstm_matrices_go_to_muon_and_the_rest_to_adamw():
     opt = m.configure_optimizers()["optimizer"]
     muon, adamw = opt.parts
     names = {id(p): n for n, p in m.named_parameters()}
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, (torch.optim.Muon, Float32Muon)) and isinstance(adamw, torch.optim.AdamW)
     assert sorted(names[id(p)] for p in muon.param_groups[0]["params"]) == sorted(
         n for n, p in m.named_parameters() if n.startswith("net.lstm.") and ".weight" in n)
     assert {names[id(p)] for p in adamw.param_groups[0]["params"]} >= {"net.embed.weight", "net.decoder.weight",
@@ -65,6 +65,31 @@ def test_state_round_trips_and_resumes_identically():
         sa, sb = a.state_dict()["state"], b.state_dict()["state"]
         assert sa.keys() == sb.keys() and all(
             torch.equal(sa[k][f], sb[k][f]) for k in sa for f in sa[k] if torch.is_tensor(sa[k][f]))
+
+
+def test_float32_muon_steps_as_torch_muon_does_and_shares_its_state():
+    """Float32Muon (Muon on CPUs without bf16) gives torch.optim.Muon's update, up to torch's bf16 rounding,
+    and either loads the other's state, so a checkpoint moves between such machines."""
+    torch.manual_seed(0)
+    weights = [torch.randn(40, 10), torch.randn(10, 30)]
+    params = {name: [w.clone().requires_grad_() for w in weights] for name in ("torch", "fp32")}
+    opts = {"torch": torch.optim.Muon(params["torch"], lr=0.01, adjust_lr_fn="match_rms_adamw"),
+            "fp32": Float32Muon(params["fp32"], lr=0.01)}
+    for step in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for name, opt in opts.items():
+            for p, g in zip(params[name], grads):
+                p.grad = g.clone()
+            opt.step()
+    for ours, theirs, start in zip(params["fp32"], params["torch"], weights):
+        moved = (theirs - start).norm()
+        assert (ours - theirs).norm() < 0.05 * moved  # bf16 keeps ~3 significant digits
+    for src, dst in (("torch", "fp32"), ("fp32", "torch")):
+        opt = type(opts[dst])([w.clone().requires_grad_() for w in weights], lr=0.01, adjust_lr_fn="match_rms_adamw")
+        opt.load_state_dict(opts[src].state_dict())
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        opt.step()  # takes the other's momentum buffers and group settings
 
 
 def test_unnamed_parameters_or_no_matrix_are_refused():

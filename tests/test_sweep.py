@@ -71,7 +71,7 @@ def test_failed_jobs_do_not_sink_the_sweep(tiny_data, tmp_path):
     ok = rows[5, 1, "32-true"]
     assert ok["status"] == "completed" and math.isfinite(float(ok["best_valid_bpc"]))
     diverged = rows[5, 1e30, "32-true"]
-    assert diverged["status"] == "failed" and diverged["reason"].startswith("diverged")
+    assert diverged["status"] == "failed" and "diverged" in diverged["reason"]  # in training, or by the report
     for (seq_len, lr, precision), row in rows.items():
         if seq_len == 0:
             assert row["status"] == "failed" and "data.seq_len=0 is out of range" in row["reason"]
@@ -251,11 +251,13 @@ def test_a_jobs_directory_name_fits_any_file_system_and_stays_its_own():
 
 
 def job_dirs(sweep: Path) -> dict[str, Path]:
-    """A sweep's job directories by their data.seq_len override."""
+    """A sweep's job directories by their data.seq_len override (a job whose overrides.yaml Hydra is still
+    writing is left out: the caller polls again)."""
     jobs = {}
     for hydra_dir in (d for d in sweep.glob("*/.hydra") if (d / "overrides.yaml").is_file()):
-        overrides = dict(o.split("=", 1) for o in OmegaConf.load(hydra_dir / "overrides.yaml") if "=" in o)
-        jobs[overrides["data.seq_len"]] = hydra_dir.parent
+        overrides = dict(o.split("=", 1) for o in OmegaConf.load(hydra_dir / "overrides.yaml") or [] if "=" in o)
+        if "data.seq_len" in overrides:
+            jobs[overrides["data.seq_len"]] = hydra_dir.parent
     return jobs
 
 

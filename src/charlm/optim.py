@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
+
+from charlm.devices import cpu_has_bf16
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -27,7 +30,9 @@ class MuonAdamW(torch.optim.Optimizer):
         others = [p for (_, p), m in zip(named, is_matrix) if not m]
         if not matrices:
             raise ValueError(f"MuonAdamW found no 2-D parameter in a layer named {list(muon_layers)}")
-        self.parts = [torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
+        on_cpu_without_bf16 = matrices[0].device.type == "cpu" and not cpu_has_bf16()
+        muon = Float32Muon if on_cpu_without_bf16 else torch.optim.Muon
+        self.parts = [muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                        adjust_lr_fn="match_rms_adamw")]
         if others:
             self.parts.append(torch.optim.AdamW(others, lr=lr, betas=tuple(betas), weight_decay=weight_decay))
@@ -50,6 +55,42 @@ class MuonAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         for part, saved in zip(self.parts, state_dict["parts"], strict=True):
             part.load_state_dict(saved)
+
+
+class Float32Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's update (its momentum, Newton-Schulz coefficients and `match_rms_adamw` lr scale;
+    the same state), orthogonalised in float32. Why not torch's own on such CPUs: it runs Newton-Schulz in
+    bf16, which a CPU without bf16 units emulates 20-40x slower than float32, so Muon alone would take
+    longer than the rest of the step many times over (`python bench/throughput.py` shows the step)."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315),
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str = "match_rms_adamw"):
+        if adjust_lr_fn != "match_rms_adamw":
+            raise ValueError("Float32Muon scales its update as match_rms_adamw only")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+                                      adjust_lr_fn=adjust_lr_fn))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            a, b, c = group["ns_coefficients"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                x = (p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf).float()
+                tall = x.size(0) > x.size(1)
+                x = x.T if tall else x
+                x = x / x.norm().clamp(min=group["eps"])
+                for _ in range(group["ns_steps"]):
+                    gram = x @ x.T
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(x.T if tall else x, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape[:2])))
 
 
 @torch.no_grad()

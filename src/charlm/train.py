@@ -136,6 +136,7 @@ def build(cfg: DictConfig, extra_callbacks: list = ()) -> tuple[L.LightningDataM
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", every_n_train_steps=every,
                                          save_last=True, save_top_k=1, enable_version_counter=False))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    devices.fit_precision(cfg)
     plugins = [checkpoint.AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # submitit requeues pre-empted jobs (hydra/launcher=slurm): Lightning must not too
         plugins.append(SLURMEnvironment(auto_requeue=False))
