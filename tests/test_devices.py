@@ -114,3 +114,14 @@ def test_job_is_pointed_at_its_device():
         assert (cfg.trainer.accelerator, list(cfg.trainer.devices)) == ("gpu", [0])
     with pytest.raises(CharlmError, match="CUDA devices; list ids in"):
         devices._use(cfg, torch.cuda.device_count())  # one past the last GPU
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_on_a_cpu_without_bf16_trains_in_32_true_and_says_so(has_bf16, monkeypatch, caplog):
+    """A preset's bf16-mixed runs as asked where the CPU has bf16, else in 32-true with a warning (oneDNN
+    has no bf16 LSTM kernel there: the run would fail at its first step)."""
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: has_bf16)
+    cfg = compose_config("experiment=fast_2x200", "trainer.accelerator=cpu")
+    devices.fit_precision(cfg)
+    assert cfg.trainer.precision == ("bf16-mixed" if has_bf16 else "32-true")
+    assert ("trains in 32-true" in caplog.text) is not has_bf16
