@@ -247,7 +247,8 @@ def test_presets_compose_within_their_budgets():
         assert schedule.total_steps == "auto" and cfg.scheduler.interval == "step"
 
 
-@pytest.mark.parametrize("preset", ["fast_2x200", "cpu_hour", "gpu_best"])
+# gpu_best (3 x 1000) takes ~45 s of a 2-core CPU without bf16 units: with -m slow
+@pytest.mark.parametrize("preset", ["fast_2x200", "cpu_hour", pytest.param("gpu_best", marks=pytest.mark.slow)])
 def test_preset_trains_a_few_steps_on_cpu(preset, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(f"hydra.run.dir={run_dir}", f"experiment={preset}", "trainer.accelerator=cpu",
@@ -261,6 +262,7 @@ def test_preset_trains_a_few_steps_on_cpu(preset, tiny_data, tmp_path):
     assert 0 < metrics["valid"]["bpc"] < 10
 
 
+@pytest.mark.slow  # ~3 minutes of a 2-core CPU without bf16 units (it trains gpu_best's 3 x 1000)
 def test_gpu_script_dry_run_on_cpu_prints_its_table(real_data, tmp_path):
     """`bench/gpu.sh --cpu`: the GPU call's steps end to end at toy sizes, so the script is ready when a GPU is."""
     env = dict(os.environ, CHARLM_DATA_DIR=str(real_data), OUT=str(tmp_path), PYTHON=sys.executable)

@@ -152,7 +152,8 @@ def test_zaremba_small_job_config_from_the_command_line(tmp_path):
     assert recipe(cfg) == RECIPES["zaremba_small"] and cfg["data"]["level"] == "word"
 
 
-@pytest.mark.parametrize("name", ["zaremba_medium", "zaremba_large"])
+# zaremba_large (2 x 1500) takes ~45 s of a 2-core CPU without bf16 units: with -m slow
+@pytest.mark.parametrize("name", ["zaremba_medium", pytest.param("zaremba_large", marks=pytest.mark.slow)])
 def test_gpu_recipes_train_a_few_steps_on_cpu(name, real_data, tmp_path):
     proc = run_train(f"hydra.run.dir={tmp_path / 'run'}", f"experiment={name}", "trainer.max_epochs=1",
                      "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=2",
