@@ -60,8 +60,8 @@ class MuonAdamW(torch.optim.Optimizer):
 class Float32Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (its momentum, Newton-Schulz coefficients and `match_rms_adamw` lr scale;
     the same state), orthogonalised in float32. Why not torch's own on such CPUs: it runs Newton-Schulz in
-    bf16, which a CPU without bf16 units emulates 20-40x slower than float32, so Muon alone would take
-    longer than the rest of the step many times over (`python bench/throughput.py` shows the step)."""
+    bf16, which a CPU without bf16 units emulates: five iterations on a 2 x 200 LSTM's 800 x 200 matrix
+    take 0.34 s in bf16 against 0.019 s in float32 on an AMD EPYC (AVX2), many times the rest of the step."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315),
@@ -74,6 +74,10 @@ class Float32Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             a, b, c = group["ns_coefficients"]
             for p in (p for p in group["params"] if p.grad is not None):
@@ -91,6 +95,7 @@ class Float32Muon(torch.optim.Optimizer):
                     x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(x.T if tall else x, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape[:2])))
+        return loss
 
 
 @torch.no_grad()
