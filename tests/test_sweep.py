@@ -279,7 +279,7 @@ def test_a_killed_sweep_is_finished_by_running_its_command_again(tmp_path):
     sweep = tmp_path / "sweep"
     command = ["-m", f"hydra.sweep.dir={sweep}", "trainer.max_epochs=1", "sweep.every_n_train_steps=50", *TINY]
     env = dict(os.environ, CHARLM_DATA_DIR=str(data), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *command, "data.seq_len=5,10"], env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *command, "data.seq_len=5,10,20"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (len(jobs := job_dirs(sweep)) == 2 and (jobs["10"] / "checkpoints" / "step.ckpt").exists()):
@@ -290,17 +290,18 @@ def test_a_killed_sweep_is_finished_by_running_its_command_again(tmp_path):
     running = load_job(jobs["10"])["row"]["status"]  # as `python -m charlm.report` shows it now
     proc.send_signal(signal.SIGKILL)
     assert running == "running"
+    assert (sweep / "planned.json").is_file()
     rows = {r["overrides"]: r for r in read_summary(sweep)}  # written when the first job ended
-    assert [r["status"] for r in rows.values()] == ["completed"]
+    assert [r["status"] for r in rows.values()] == ["completed", "pending", "pending"]
     proc.wait()
     report = subprocess.run([sys.executable, "-m", "charlm.report", str(sweep)], capture_output=True, text=True)
-    assert "1 completed, 1 interrupted" in report.stdout
+    assert "1 completed, 1 pending, 1 interrupted" in report.stdout  # data.seq_len=20 never started
     first = digests(jobs["5"])
 
-    again = run_train(*command, "data.seq_len=5,10,20", data_dir=data)  # the same sweep, its grid grown by one
+    again = run_train(*command, "data.seq_len=5,10,20,40", data_dir=data)  # the same sweep, its grid grown by one
     assert again.returncode == 0, again.stderr[-3000:]
     jobs_after = job_dirs(sweep)
-    assert jobs_after["5"] == jobs["5"] and jobs_after["10"] == jobs["10"] and len(jobs_after) == 3
+    assert jobs_after["5"] == jobs["5"] and jobs_after["10"] == jobs["10"] and len(jobs_after) == 4
     assert digests(jobs["5"]) == first  # the completed job is kept as it was
     assert "resuming the interrupted job" in (jobs["10"] / "train.log").read_text()
     single = run_train(f"hydra.run.dir={tmp_path / 'single'}", "trainer.max_epochs=1", "data.seq_len=10", *TINY,
@@ -309,7 +310,7 @@ def test_a_killed_sweep_is_finished_by_running_its_command_again(tmp_path):
     expected = json.loads((tmp_path / "single" / "metrics.json").read_text())
     resumed = json.loads((jobs["10"] / "metrics.json").read_text())
     assert resumed["valid"]["bpc"] == expected["valid"]["bpc"] and resumed["steps"] == expected["steps"]
-    assert [r["status"] for r in read_summary(sweep)] == ["completed"] * 3
+    assert [r["status"] for r in read_summary(sweep)] == ["completed"] * 4
 
 
 def test_failed_jobs_run_again_or_are_kept_and_fail_fast_skips_the_rest(tiny_data, tmp_path):

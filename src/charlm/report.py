@@ -12,6 +12,7 @@ import argparse
 import csv
 import fcntl
 import io
+import itertools
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from charlm.files import atomic_write, write_json
 log = logging.getLogger(__name__)
 NAMES = {"bpc": "bpc", "ppl": "perplexity"}  # a headline figure as the report's headings spell it
 UNITS = {"bpc": "bits per character", "ppl": "perplexity per word"}
+PLANNED = "planned.json"  # in a grid sweep's directory: every job's overrides, so jobs not yet started show
 
 
 def _finite(x) -> bool:
@@ -69,6 +71,8 @@ def load_job(job_dir: Path) -> dict:
         interrupted = {"status": "interrupted", "reason": "no metrics.json: killed before its end; run the "
                                                           "sweep's command again to resume it from its last.ckpt"}
         m = {"status": "running"} if sweep.is_running(job_dir) else interrupted
+    if m.get("status") == "completed" and (job_dir / "pruned.json").is_file():  # charlm.search.PruneTrial
+        m = {**m, "status": "pruned", "reason": "pruned: its valid curve was behind the study's median"}
     level = _level(m, cfg)
     headline = metrics.HEADLINE[level]
     if m.get("status") == "completed":
@@ -87,7 +91,34 @@ def load_job(job_dir: Path) -> dict:
 
 def headlines(jobs: list[dict]) -> list[str]:
     """The headline figures of the sweep's jobs: one, unless the sweep mixes data levels."""
-    return list(dict.fromkeys(j["headline"] for j in jobs))
+    return list(dict.fromkeys(j["headline"] for j in jobs if j["headline"]))
+
+
+def pending_jobs(sweep_dir: Path, jobs: list[dict]) -> list[dict]:
+    """The grid's jobs (planned.json, written when a grid sweep starts) that have no directory yet."""
+    planned = sweep_dir / PLANNED
+    if not planned.is_file():
+        return []
+    started = {tuple(sorted(j["overrides"])) for j in jobs}
+    rows = []
+    for num, overrides in enumerate(json.loads(planned.read_text())):
+        if tuple(sorted(overrides)) not in started:
+            row = dict.fromkeys(columns(jobs), None) | {"job": num, "overrides": " ".join(overrides), "status": "pending"}
+            rows.append({"row": row, "overrides": overrides, "cfg": OmegaConf.create(), "history": [], "headline": None})
+    return rows
+
+
+def grid(config: DictConfig) -> list[list[str]]:
+    """Every job's overrides of a grid sweep, in Hydra's basic sweeper's order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
+    choices: dict = {}  # a key given twice: the last one counts, at the first one's place
+    for o in OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task]):
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        choices[key] = [f"{key}={v}" for v in values]
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def columns(jobs: list[dict]) -> list[str]:
@@ -103,7 +134,7 @@ def find_jobs(sweep_dir: Path) -> list[dict]:
 
 
 def _label(job: dict, common: set[str]) -> str:
-    varying = [o for o in job["overrides"] if o not in common]
+    varying = [o for o in job["overrides"] if o not in common and not o.startswith("trial=")]
     return " ".join(varying) or f"job {job['row']['job']}"
 
 
@@ -123,11 +154,13 @@ def write_csv(jobs: list[dict], path: Path) -> None:
     atomic_write(path, out.getvalue().encode())
 
 
-def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: Path, sweep: dict) -> None:
-    order = ["completed", "running", "interrupted", "skipped", "failed"]
+def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: Path, sweep: dict,
+                   search: dict | None = None) -> None:
+    order = ["completed", "pruned", "running", "pending", "interrupted", "skipped", "failed"]
     statuses = sorted({j["row"]["status"] for j in jobs}, key=lambda s: order.index(s) if s in order else len(order))
     counts = {s: sum(j["row"]["status"] == s for j in jobs) for s in statuses}
-    failed = [j for j in jobs if j["row"]["status"] not in ("completed", "running")]
+    failed = [j for j in jobs if j["row"]["status"] not in ("completed", "running", "pruned", "pending")]
+    best = (search or {}).get("best") or {}
     lines = [f"# Sweep {path.parent.name}", "",
              f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + "."]
     if _finite(sweep.get("wall_time_s")):
@@ -136,6 +169,14 @@ def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: P
         lines += ["", f"Command: `{sweep['command']}`"]
     if common:
         lines += ["", "Overrides of every job: " + " ".join(f"`{o}`" for o in sorted(common))]
+    if search:
+        states = [t["state"] for t in search["trials"]]
+        lines += ["", f"Optuna study `{search['study']}`: {len(states)} trials ("
+                  + ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)) + ")."]
+    if best:
+        values = " ".join(f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in best["params"].items())
+        lines += [f"Best: trial {best['number']}, {best['value']:.4f}, with {values}; it trains with", "",
+                  f"    {best['command']}"]
     figures = headlines(jobs)
     if len(figures) > 1:
         levels = ", ".join(sorted({j["row"]["level"] for j in jobs}))
@@ -148,8 +189,9 @@ def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: P
     for j in jobs:
         r = j["row"]
         cells = [_fmt(r.get(f"{kind}_{h}")) for h in figures for kind in ("best_valid", "test")]
-        cells += [_fmt(r["test_ppl56"], 2)] * char
-        lines.append(f"| {_fmt(r['job'])} | {_label(j, common)} | {r['status']} | " + " | ".join(cells)
+        cells += [_fmt(r.get("test_ppl56"), 2)] * char
+        status = f"{r['status']}, best" if best and r["job"] == best["number"] else r["status"]
+        lines.append(f"| {_fmt(r['job'])} | {_label(j, common)} | {status} | " + " | ".join(cells)
                      + f" | {_fmt(r['epochs'])} | {_fmt(r['wall_time_s'], 1)} | {_fmt(r['device'])} |")
     if failed:
         lines += ["", "Jobs that did not complete:", ""]
@@ -224,6 +266,7 @@ def write(sweep_dir: Path, x: str = "data.seq_len", group: str = "model.dropout"
     if not sweep_dir.is_dir():
         raise CharlmError(f"{sweep_dir} is not a directory; give the sweep directory (outputs/multiruns/<time>)")
     jobs = find_jobs(sweep_dir)
+    jobs += pending_jobs(sweep_dir, jobs)
     if not jobs:
         raise CharlmError(f"{sweep_dir} holds no job directories (with .hydra/overrides.yaml); give a sweep directory")
     common = set.intersection(*(set(j["overrides"]) for j in jobs)) if len(jobs) > 1 else set()
@@ -236,7 +279,8 @@ def write(sweep_dir: Path, x: str = "data.seq_len", group: str = "model.dropout"
         if plot_curves(jobs, common, sweep_dir / "learning_curves.png"):
             plots.append("learning_curves.png")
     write_csv(jobs, sweep_dir / "summary.csv")
-    write_markdown(jobs, common, plots, sweep_dir / "summary.md", sweep)
+    search = json.loads((sweep_dir / "search.json").read_text()) if (sweep_dir / "search.json").is_file() else None
+    write_markdown(jobs, common, plots, sweep_dir / "summary.md", sweep, search)
     return [j["row"] for j in jobs]
 
 
@@ -246,7 +290,11 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.started = time.time()
-        (Path(config.hydra.sweep.dir) / sweep.FAILED).unlink(missing_ok=True)  # fail_fast counts this launch
+        sweep_dir = Path(config.hydra.sweep.dir)
+        (sweep_dir / sweep.FAILED).unlink(missing_ok=True)  # fail_fast counts this launch
+        if str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):  # a grid: its jobs are known
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            write_json(sweep_dir / PLANNED, grid(config))
 
     def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
         if not devices.in_sweep():
@@ -266,7 +314,9 @@ class SweepReport(Callback):
                  "wall_time_s": round(time.time() - started, 3) if started else None}
         write_json(sweep_dir / "sweep.json", sweep)
         rows = write(sweep_dir)
-        failed = [r for r in rows if r["status"] != "completed"]
+        failed = [r for r in rows if r["status"] not in ("completed", "pruned")]
+        if (sweep_dir / "search.json").is_file() and any(r["status"] == "completed" for r in rows):
+            failed = []  # a search's failed trials (a diverging lr) are results; it fails when none completed
         (sweep_dir / ".report.lock").unlink(missing_ok=True)
         log.info(f"report: {sweep_dir / 'summary.md'}")
         if failed:
