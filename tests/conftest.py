@@ -52,6 +52,19 @@ def run_train(*overrides: str, data_dir: Path | None = None, timeout: float = 30
                           capture_output=True, text=True, timeout=timeout)
 
 
+def train_here(run_dir: Path, *overrides: str, data_dir: Path) -> dict:
+    """One run as `python train.py hydra.run.dir=RUN_DIR overrides...` trains it, in this process; returns its
+    metrics.json. For tests of what a run gives: a subprocess (run_train) pays seconds of imports, so it is
+    kept for what a command line must show (exit codes, one-line errors, signals)."""
+    import json
+
+    from charlm.train import fit
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fit(compose_config(f"run_dir={run_dir}", f"paths.data_dir={data_dir}", *overrides))
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
 FAST = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
 
 
@@ -66,4 +79,5 @@ def compose_config(*overrides: str, hydra: bool = False):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         if hydra:
             return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
-        return compose(config_name="train", overrides=["run_dir=unused", *overrides])
+        placeholder = [] if any(o.startswith("run_dir=") for o in overrides) else ["run_dir=unused"]
+        return compose(config_name="train", overrides=[*placeholder, *overrides])

@@ -14,7 +14,7 @@ from torch import nn
 from charlm import cache, config
 from charlm.data import PTBDataModule
 from charlm.model import LSTMLM, dropout, dropout_masks
-from conftest import FAST, ROOT, compose_config, run_train, write_tiny_ptb
+from conftest import FAST, ROOT, compose_config, train_here, write_tiny_ptb
 
 
 # --- the token cache ---------------------------------------------------------------------------------
@@ -250,14 +250,11 @@ def test_presets_compose_within_their_budgets():
 # gpu_best (3 x 1000) takes ~45 s of a 2-core CPU without bf16 units: with -m slow
 @pytest.mark.parametrize("preset", ["fast_2x200", "cpu_hour", pytest.param("gpu_best", marks=pytest.mark.slow)])
 def test_preset_trains_a_few_steps_on_cpu(preset, tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_train(f"hydra.run.dir={run_dir}", f"experiment={preset}", "trainer.accelerator=cpu",
-                     "data.batch_size=4", "data.seq_len=20", "data.eval_batch_size=2", "trainer.max_epochs=1",
-                     "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
-                     "++trainer.check_val_every_n_epoch=1",
-                     "~callbacks.checkpoint", "+trainer.enable_checkpointing=false", *FAST, data_dir=tiny_data)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = train_here(tmp_path / "run", f"experiment={preset}", "trainer.accelerator=cpu",
+                         "data.batch_size=4", "data.seq_len=20", "data.eval_batch_size=2", "trainer.max_epochs=1",
+                         "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+                         "++trainer.check_val_every_n_epoch=1",
+                         "~callbacks.checkpoint", "+trainer.enable_checkpointing=false", *FAST, data_dir=tiny_data)
     assert metrics["status"] == "completed" and metrics["steps"] == 3
     assert 0 < metrics["valid"]["bpc"] < 10
 

@@ -93,7 +93,7 @@ def test_a_trial_behind_the_median_is_pruned_and_reported_so(tmp_path):
     second = study.ask()
     pruner = {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 1}
     callback = PruneTrial(trial=second.number, storage=storage, sweep_dir=str(tmp_path), study_name="s", pruner=pruner)
-    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_step=10, should_stop=False,
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_step=10, should_stop=False, estimated_stepping_batches=100,
                               default_root_dir=str(tmp_path), callback_metrics={"valid/bpc": 1.4})
     module = SimpleNamespace(hparams={"level": "char"})
     callback.setup(trainer, module, "fit")

@@ -325,3 +325,20 @@ def test_failed_jobs_run_again_or_are_kept_and_fail_fast_skips_the_rest(tiny_dat
     assert [json.loads((jobs[k] / "metrics.json").read_text())["status"] for k in ("5", "10")] == ["completed"] * 2
     assert run_train(*command, "sweep.rerun_failed=false", data_dir=tiny_data).returncode == 1
     assert not (jobs["0"] / "attempts" / "2").exists()  # kept as failed
+
+
+def test_a_job_killed_after_its_last_epoch_runs_again_and_one_killed_mid_epoch_resumes(tiny_data, tmp_path):
+    """Killed in its test, after last.ckpt and before metrics.json, a job has nothing to resume: it runs again."""
+    from charlm import sweep
+    from conftest import train_here
+
+    job = tmp_path / "job"
+    train_here(job, "trainer.max_epochs=1", *TINY, data_dir=tiny_data)
+    (job / "metrics.json").unlink()
+    cfg = compose_config(f"run_dir={job}", f"paths.data_dir={tiny_data}", "trainer.max_epochs=1", *TINY)
+    assert sweep.plan(cfg) == "run" and cfg.ckpt_path is None
+    assert (job / "attempts" / "1" / "checkpoints" / "last.ckpt").is_file()  # set aside, not lost
+    train_here(job, "trainer.max_epochs=1", *TINY, data_dir=tiny_data)
+    (job / "metrics.json").unlink()
+    cfg = compose_config(f"run_dir={job}", f"paths.data_dir={tiny_data}", "trainer.max_epochs=2", *TINY)
+    assert sweep.plan(cfg) == "resume" and cfg.ckpt_path == str(job / "checkpoints" / "last.ckpt")

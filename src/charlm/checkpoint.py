@@ -66,10 +66,15 @@ def epochs_trained(ckpt: dict[str, Any]) -> int:
     return int(progress.get("processed", 0))
 
 
+def finished(ckpt: dict[str, Any], max_epochs: int | None) -> bool:
+    """Whether the checkpoint's run has trained all of `max_epochs` (None or -1: no limit)."""
+    return max_epochs is not None and max_epochs != -1 and epochs_trained(ckpt) >= max_epochs
+
+
 def check_unfinished(ckpt: dict[str, Any], max_epochs: int, path: str | os.PathLike) -> None:
     """Resuming a run that already trained its `max_epochs` would train nothing and overwrite its results:
     refused, saying how to extend it."""
     done = epochs_trained(ckpt)
-    if max_epochs is not None and max_epochs != -1 and done >= max_epochs:
+    if finished(ckpt, max_epochs):
         raise CharlmError(f"checkpoint {path} is of a finished run: it trained {done} of trainer.max_epochs="
                           f"{max_epochs} epochs; to train it further, raise trainer.max_epochs above {done}")

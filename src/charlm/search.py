@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import metrics, sweep
+from charlm import metrics
 from charlm.errors import CharlmError
 from charlm.files import write_json
 
@@ -241,9 +241,12 @@ class PruneTrial(L.Callback):
         if key not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[key])
-        self.trial.report(value, step=trainer.global_step)
+        # the step as the per cent of the run's steps done: trials of other BPTT lengths or batch sizes (other
+        # step counts for the same data) are compared at the same point of their budget
+        done = round(100 * trainer.global_step / max(trainer.estimated_stepping_batches, 1))
+        self.trial.report(value, step=done)
         if self.trial.should_prune():
             write_json(Path(trainer.default_root_dir) / PRUNED, {"step": trainer.global_step, key: value})
-            log.info(f"trial {self.trial_number} pruned at step {trainer.global_step} ({key} {value:.4f})")
+            log.info(f"trial {self.trial_number} pruned at {done} % of its steps ({key} {value:.4f})")
             trainer.should_stop = True
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from charlm import checkpoint
+from charlm.errors import CharlmError
 from charlm.files import write_json
 
 log = logging.getLogger(__name__)
@@ -84,14 +86,25 @@ def plan(cfg: DictConfig) -> str:
     last = run_dir / "checkpoints" / "last.ckpt"
     interrupted = previous is None or "interrupted" in str(previous.get("reason", ""))
     if interrupted and last.is_file() and not cfg.get("ckpt_path"):
-        cfg.ckpt_path = str(last)
-        return "resume"
+        if not trained_out(last, cfg.trainer.max_epochs):
+            cfg.ckpt_path = str(last)
+            return "resume"
+        # killed after its last epoch, before its test and metrics.json: a resume would train nothing
+        log.info(f"{run_dir.name} was killed after its last epoch, before its results: it runs again")
     if status == "failed" and not sweep.get("rerun_failed", True):
         return "keep failed"
     if status == "skipped":  # it never ran: nothing to keep
         (run_dir / "metrics.json").unlink()
     set_aside(run_dir)
     return "run"
+
+
+def trained_out(path: Path, max_epochs) -> bool:
+    """Whether the checkpoint at `path` has trained all of `max_epochs` (an unreadable one has not)."""
+    try:
+        return checkpoint.finished(checkpoint.read(path), max_epochs)
+    except CharlmError:
+        return False
 
 
 def mark_running(run_dir: Path) -> None:
