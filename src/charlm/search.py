@@ -20,6 +20,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from charlm import metrics
+from charlm.sweep import pid_alive
 from charlm.errors import CharlmError
 from charlm.files import write_json
 
@@ -119,7 +120,8 @@ class OptunaSearch:
             study.enqueue_trial(trial.params, user_attrs={"continues": trial.number})
             log.info(f"trial {trial.number} was killed with its sweeper: marked failed, its values asked again")
 
-    def sweep(self, arguments: list[str]) -> list:
+    def sweep(self, arguments: list[str], validate) -> list:
+        """Add n_trials trials to the study, n_jobs at a time; `validate` composes a batch's configs first."""
         import optuna
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -142,7 +144,7 @@ class OptunaSearch:
                 trial.set_user_attr("pid", os.getpid())
                 batch.append(overrides)
             try:
-                self.validate_batch_is_legal(batch)
+                validate(batch)
             except Exception:
                 for trial in trials:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -154,10 +156,6 @@ class OptunaSearch:
             write_json(sweep_dir / SEARCH, summary(study, fixed))
             todo -= len(trials)
         return returns
-
-    def validate_batch_is_legal(self, batch) -> None:
-        for overrides in batch:
-            self.hydra_context.config_loader.load_sweep_config(master_config=self.config, sweep_overrides=list(overrides))
 
     @staticmethod
     def tell(study, trial, result) -> None:
@@ -184,16 +182,6 @@ def hydra_instantiate(node, **kwargs):
     from hydra.utils import instantiate
 
     return instantiate(node, **kwargs) if isinstance(node, (dict, DictConfig)) else node
-
-
-def pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, TypeError, ValueError):
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def summary(study, fixed: list[str]) -> dict:

@@ -47,9 +47,14 @@ def is_running(run_dir: Path) -> bool:
         return False
     if mark.get("host") != socket.gethostname():
         return True  # another node's job: trust its mark
+    return pid_alive(mark.get("pid"))
+
+
+def pid_alive(pid) -> bool:
+    """Whether a process of this host has the id `pid`."""
     try:
-        os.kill(int(mark["pid"]), 0)  # PermissionError: alive, another user's
-    except (ProcessLookupError, ValueError, KeyError):
+        os.kill(int(pid), 0)  # PermissionError: alive, another user's
+    except (ProcessLookupError, TypeError, ValueError):
         return False
     except PermissionError:
         pass

@@ -16,9 +16,10 @@ class OptunaSweeper(Sweeper):
 
         from charlm.search import OptunaSearch
 
+        self.hydra_context, self.config = hydra_context, config  # what Sweeper.validate_batch_is_legal reads
         launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function,
                                                            config=config)
         self.search = OptunaSearch(config, launcher, hydra_context, OmegaConf.create(self.settings))
 
     def sweep(self, arguments):
-        return self.search.sweep(arguments)
+        return self.search.sweep(arguments, validate=self.validate_batch_is_legal)
