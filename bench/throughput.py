@@ -121,17 +121,39 @@ class StepClock(L.Callback):
             self.chars, self.end = self.chars + batch[1].numel(), clock()
 
 
+def fit_project(overrides: list[str], steps: int, warmup: int, device: str, run_dir: str) -> tuple[StepClock, L.Trainer]:
+    """`python train.py overrides` for `warmup` + `steps` steps, the steps after `warmup` timed."""
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    cfg = compose_config([*overrides, *BENCH, f"trainer.accelerator={accelerator}",
+                          f"trainer.limit_train_batches={warmup + steps}"], run_dir)
+    timer = StepClock(warmup, device)
+    datamodule, model, trainer = build(cfg, extra_callbacks=[timer])
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        trainer.fit(model, datamodule=datamodule)
+    return timer, trainer
+
+
 def run_project(overrides: list[str], steps: int, warmup: int, device: str) -> float:
     """Characters per second of `python train.py overrides` over `steps` steps after `warmup`."""
-    accelerator = "gpu" if device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = compose_config([*overrides, *BENCH, f"trainer.accelerator={accelerator}",
-                              f"trainer.limit_train_batches={warmup + steps}"], run_dir)
-        timer = StepClock(warmup, device)
-        datamodule, model, trainer = build(cfg, extra_callbacks=[timer])
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            trainer.fit(model, datamodule=datamodule)
+        timer, _ = fit_project(overrides, steps, warmup, device, run_dir)
     return timer.chars / (timer.end - timer.start)
+
+
+def checkpoint_cost(name: str, overrides: list[str], steps: int, warmup: int, device: str, saves: int = 10) -> dict:
+    """A training step's time against a step checkpoint's (`trainer.save_checkpoint`, the median of `saves`):
+    what a sweep job's `sweep.every_n_train_steps` costs (--checkpoint-cost)."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        timer, trainer = fit_project(overrides, steps, warmup, device, run_dir)
+        times = []
+        for _ in range(saves):
+            start = time.perf_counter()
+            trainer.save_checkpoint(Path(run_dir) / "step.ckpt")
+            times.append(time.perf_counter() - start)
+    step_s, save_s = (timer.end - timer.start) / steps, statistics.median(times)
+    every = compose_config([], "unused").sweep.every_n_train_steps
+    return {"name": name, "step_ms": 1e3 * step_s, "save_ms": 1e3 * save_s, "every": every,
+            "percent": 100 * save_s / (every * step_s), "save_ms_range": [1e3 * min(times), 1e3 * max(times)]}
 
 
 # --- the project without the Trainer (--module-loop) --------------------------------------------------
@@ -457,6 +479,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="also time the project's module in Lightning's Trainer(barebones=True): the Trainer's floor")
     parser.add_argument("--tricks", action="store_true",
                         help="also time the project with each speed trick off: what each one buys")
+    parser.add_argument("--checkpoint-cost", action="store_true",
+                        help="only time a step checkpoint against a step: what sweep.every_n_train_steps costs")
     parser.add_argument("--json", type=Path, help="default outputs/bench/throughput-<device>[-quick].json")
     parser.add_argument("--docs", type=Path, help=f"write the table into this file (default {DOCS.relative_to(ROOT)}, "
                                                    "but none with --quick, --configs, --steps or --cpu-time)")
@@ -475,6 +499,14 @@ def main() -> None:
         clock = getattr(time, spec["clock"])
         cps = measure(spec["variant"], spec["overrides"], spec["steps"], spec["warmup"], spec["device"])
         print(json.dumps({"chars_per_sec": cps}))
+        return
+    if args.checkpoint_cost:
+        print(f"{machine_name(args.device)}, {DEFAULT_THREADS} threads, {datetime.date.today()}")
+        for name, overrides, steps, warmup in plan(args):
+            c = checkpoint_cost(name, overrides, steps, warmup, args.device)
+            print(f"{name}: step {c['step_ms']:.1f} ms, save {c['save_ms']:.1f} ms (median of 10, "
+                  f"{c['save_ms_range'][0]:.1f}-{c['save_ms_range'][1]:.1f}): {c['percent']:.3f} % of the training "
+                  f"time with a save every {c['every']} steps", flush=True)
         return
     rounds = args.rounds or (3 if args.quick else 5)
     tag = args.device + ("-quick" if args.quick else "")
