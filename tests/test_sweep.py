@@ -141,6 +141,39 @@ def test_slurm_launcher_asks_for_one_gpu_per_job(tmp_path, monkeypatch):
     assert "srun" in script and "submitit.core._submit" in script
 
 
+def test_a_slurm_preemption_checkpoints_the_job_and_requeues_it_through_scontrol(tmp_path, monkeypatch):
+    """SLURM's side of submitit's pre-emption path: the signal SLURM sends (USR2) to a job of
+    hydra/launcher=slurm checkpoints the job with its own overrides (so the requeued job finds its directory
+    and last.ckpt: the test below) and calls `scontrol requeue $SLURM_JOB_ID`, a stand-in here that records it."""
+    import signal
+
+    from submitit.core.job_environment import SignalHandler
+    from submitit.core.utils import DelayedSubmission, JobPaths
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    calls, scontrol = tmp_path / "scontrol.calls", tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+                       "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_config("hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}", hydra=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    job = DelayedSubmission(launcher, ["data.seq_len=5"], "hydra.sweep.dir", 0, "job_id_for_0", {})
+    job.set_timeout(cfg.hydra.launcher.timeout_min, cfg.hydra.launcher.max_num_timeout)
+    paths = JobPaths(tmp_path / ".submitit", job_id="4242")
+    paths.folder.mkdir()
+    with pytest.raises(SystemExit):  # the job exits; SLURM starts it again from the pickle
+        SignalHandler(SlurmJobEnvironment(), paths, job).checkpoint_and_try_requeue(signal.SIGUSR2)
+    assert calls.read_text().split() == ["requeue", "4242"]
+    requeued = DelayedSubmission.load(paths.submitted_pickle)
+    assert requeued.args[:3] == (["data.seq_len=5"], "hydra.sweep.dir", 0)  # the same job, the same directory
+    assert requeued._timeout_countdown == cfg.hydra.launcher.max_num_timeout  # a pre-emption is not a timeout
+
+
 def submitit_job_pid(sweep: Path) -> int | None:
     """The process running a submitit job of `sweep` on this machine (submitit.core._submit <its folder>)."""
     for proc in Path("/proc").glob("[0-9]*"):
