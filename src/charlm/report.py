@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from charlm import devices, metrics, sweep
 from charlm.errors import CharlmError, exit_on_error
 from charlm.files import atomic_write, write_json
+from charlm.sweep import PRUNED, SEARCH
 
 log = logging.getLogger(__name__)
 NAMES = {"bpc": "bpc", "ppl": "perplexity"}  # a headline figure as the report's headings spell it
@@ -71,7 +72,7 @@ def load_job(job_dir: Path) -> dict:
         interrupted = {"status": "interrupted", "reason": "no metrics.json: killed before its end; run the "
                                                           "sweep's command again to resume it from its last.ckpt"}
         m = {"status": "running"} if sweep.is_running(job_dir) else interrupted
-    if m.get("status") == "completed" and (job_dir / "pruned.json").is_file():  # charlm.search.PruneTrial
+    if m.get("status") == "completed" and (job_dir / PRUNED).is_file():
         m = {**m, "status": "pruned", "reason": "pruned: its valid curve was behind the study's median"}
     level = _level(m, cfg)
     headline = metrics.HEADLINE[level]
@@ -279,7 +280,7 @@ def write(sweep_dir: Path, x: str = "data.seq_len", group: str = "model.dropout"
         if plot_curves(jobs, common, sweep_dir / "learning_curves.png"):
             plots.append("learning_curves.png")
     write_csv(jobs, sweep_dir / "summary.csv")
-    search = json.loads((sweep_dir / "search.json").read_text()) if (sweep_dir / "search.json").is_file() else None
+    search = json.loads((sweep_dir / SEARCH).read_text()) if (sweep_dir / SEARCH).is_file() else None
     write_markdown(jobs, common, plots, sweep_dir / "summary.md", sweep, search)
     return [j["row"] for j in jobs]
 
@@ -315,7 +316,7 @@ class SweepReport(Callback):
         write_json(sweep_dir / "sweep.json", sweep)
         rows = write(sweep_dir)
         failed = [r for r in rows if r["status"] not in ("completed", "pruned")]
-        if (sweep_dir / "search.json").is_file() and any(r["status"] == "completed" for r in rows):
+        if (sweep_dir / SEARCH).is_file() and any(r["status"] == "completed" for r in rows):
             failed = []  # a search's failed trials (a diverging lr) are results; it fails when none completed
         (sweep_dir / ".report.lock").unlink(missing_ok=True)
         log.info(f"report: {sweep_dir / 'summary.md'}")

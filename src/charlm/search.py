@@ -20,13 +20,11 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from charlm import metrics
-from charlm.sweep import pid_alive
 from charlm.errors import CharlmError
 from charlm.files import write_json
+from charlm.sweep import PRUNED, SEARCH, pid_alive
 
 log = logging.getLogger(__name__)
-PRUNED = "pruned.json"  # in a job's directory once PruneTrial stopped it
-SEARCH = "search.json"  # in the sweep directory: the study's trials, its best one and the command to train it
 
 
 def storage_url(storage: str | None, sweep_dir: str | Path) -> str:
@@ -188,10 +186,11 @@ def summary(study, fixed: list[str]) -> dict:
     """The study as the sweep report reads it: every trial, the best, and the command that trains the best."""
     import optuna
 
+    frozen = study.get_trials(deepcopy=False)
     trials = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
-               "dir": t.user_attrs.get("dir")} for t in study.get_trials(deepcopy=False)]
+               "dir": t.user_attrs.get("dir")} for t in frozen]
     result = {"study": study.study_name, "direction": study.direction.name.lower(), "trials": trials, "best": None}
-    if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+    if any(t.state == optuna.trial.TrialState.COMPLETE for t in frozen):
         best = study.best_trial
         overrides = [o for o in best.user_attrs.get("overrides", fixed) if not o.startswith("hparams_search=")]
         result["best"] = {"number": best.number, "value": best.value, "params": best.params,

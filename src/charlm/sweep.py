@@ -26,6 +26,8 @@ from charlm.files import write_json
 log = logging.getLogger(__name__)
 FAILED = ".failed"  # a file in the sweep directory once a job of this launch failed (sweep.fail_fast)
 RUNNING = "running.json"  # in a job's directory while it runs: its host and pid
+PRUNED = "pruned.json"  # in a job's directory once the Optuna search stopped it (charlm.search.PruneTrial)
+SEARCH = "search.json"  # in an Optuna search's directory: its trials, the best one and the command to train it
 
 
 def sweep_dir() -> Path:
