@@ -60,7 +60,6 @@ def train_here(run_dir: Path, *overrides: str, data_dir: Path) -> dict:
 
     from charlm.train import fit
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     fit(compose_config(f"run_dir={run_dir}", f"paths.data_dir={data_dir}", *overrides))
     return json.loads((run_dir / "metrics.json").read_text())
 

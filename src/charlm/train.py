@@ -162,6 +162,7 @@ def fit(cfg: DictConfig) -> dict:
         result["level"] = datamodule.level
         headline = metrics.HEADLINE[datamodule.level]  # bpc for characters, ppl for words
         training = True
+        run_dir.mkdir(parents=True, exist_ok=True)  # run_dir=PATH may name a directory Hydra did not make
         datamodule.vocab.save(run_dir / "vocab.json")
         for logger in trainer.loggers:
             logger.log_hyperparams(experiment_hparams(cfg), metrics={f"valid/best_{headline}": math.nan})
