@@ -45,7 +45,9 @@ def test_train_subprocess_writes_metrics_tensorboard_and_checkpoints(real_data, 
         tags |= set(acc.Tags()["scalars"])
     assert {"train/loss", "train/grad_norm", "train/chars_per_sec", "valid/bpc", "test/bpc", "lr-SGD"} <= tags
     assert json.loads((run_dir / "vocab.json").read_text())[:4] == ["a", "e", "r", "_"]
-    assert "valid" in proc.stdout and "ppl56" in proc.stdout  # the final table
+    assert "ppl56" in proc.stdout and metrics["test_checkpoint"] == "best.ckpt"  # the final table says what it scored
+    assert "valid (last epoch)" in proc.stdout and "test (best.ckpt)" in proc.stdout
+    assert f"best valid bpc: {metrics['best_valid_bpc']:.4f}" in proc.stdout
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "muon"])  # muon: two optimisers' states in one checkpoint

@@ -42,10 +42,16 @@ def write_metrics(run_dir: Path, result: dict) -> None:
 
 
 def format_table(result: dict) -> str:
-    rows = {split: result[split] for split in SPLITS if result.get(split)}
+    """The end-of-run table, each row saying what it was scored with (train and valid: the last epoch; test:
+    best.ckpt), then the best valid figure: a run trained past its best shows both."""
+    when = {"train": "last epoch, running", "valid": "last epoch", "test": result.get("test_checkpoint")}
+    rows = {f"{split} ({when[split]})": result[split] for split in SPLITS if result.get(split)}
     names = list(next(iter(rows.values()), {}))
-    lines = [f"{'split':<6}" + "".join(f" {n:>10}" for n in names)]
-    lines += [f"{split:<6}" + "".join(f" {m[n]:10.4f}" for n in names) for split, m in rows.items()]
+    width = max(map(len, rows), default=5)
+    lines = [f"{'split':<{width}}" + "".join(f" {n:>10}" for n in names)]
+    lines += [f"{row:<{width}}" + "".join(f" {m[n]:10.4f}" for n in names) for row, m in rows.items()]
+    best = {k: v for k, v in result.items() if k.startswith("best_valid_") and v is not None}
+    lines += [f"{k.replace('_', ' ')}: {v:.4f}" for k, v in best.items()]
     return "\n".join(lines)
 
 
@@ -175,7 +181,7 @@ def fit(cfg: DictConfig) -> dict:
         if cfg.get("test", True):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-            result["test"] = model.results.get("test")
+            result["test"], result["test_checkpoint"] = model.results.get("test"), Path(best).name or "last weights"
         result.update(status="completed", epochs=trainer.current_epoch, steps=trainer.global_step)
         result[f"best_valid_{headline}"] = model.best_valid if math.isfinite(model.best_valid) else None
         history.epochs = epochs
