@@ -76,6 +76,15 @@ def test_bad_values_are_refused_before_anything_is_written(override, message, ti
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_an_unwritable_run_dir_is_refused_in_one_line(tiny_data):
+    from charlm.errors import CharlmError
+    from charlm.train import fit
+
+    with pytest.raises(CharlmError, match=r"cannot write the output directory /proc/charlm-run .*set run_dir") as e:
+        fit(compose_config("run_dir=/proc/charlm-run", f"paths.data_dir={tiny_data}"))
+    assert "\n" not in str(e.value)
+
+
 def test_a_bad_value_is_one_line_on_stderr_and_exit_2(tiny_data, tmp_path):
     proc = run_train(f"hydra.run.dir={tmp_path / 'run'}", "model.dropout=1.0", data_dir=tiny_data)
     assert proc.returncode == 2

@@ -43,7 +43,7 @@ def write_metrics(run_dir: Path, result: dict) -> None:
 
 def format_table(result: dict) -> str:
     """The end-of-run table, each row saying what it was scored with (train and valid: the last epoch; test:
-    best.ckpt), then the best valid figure: a run trained past its best shows both."""
+    its checkpoint, best.ckpt), then the best valid figure: a run trained past its best shows both."""
     when = {"train": "last epoch, running", "valid": "last epoch", "test": result.get("test_checkpoint")}
     rows = {f"{split} ({when[split]})": result[split] for split in SPLITS if result.get(split)}
     names = list(next(iter(rows.values()), {}))
@@ -160,6 +160,7 @@ def fit(cfg: DictConfig) -> dict:
     started = time.time()
     run_dir = Path(cfg.run_dir)
     config.check(cfg)
+    config.check_writable(run_dir, "run_dir")  # made if missing: run_dir=PATH may name one Hydra did not make
     result: dict = {"status": "failed", "run_dir": str(run_dir)}
     history = History()
     training = False
@@ -168,7 +169,6 @@ def fit(cfg: DictConfig) -> dict:
         result["level"] = datamodule.level
         headline = metrics.HEADLINE[datamodule.level]  # bpc for characters, ppl for words
         training = True
-        run_dir.mkdir(parents=True, exist_ok=True)  # run_dir=PATH may name a directory Hydra did not make
         datamodule.vocab.save(run_dir / "vocab.json")
         for logger in trainer.loggers:
             logger.log_hyperparams(experiment_hparams(cfg), metrics={f"valid/best_{headline}": math.nan})
