@@ -1,9 +1,12 @@
-"""Train a character-level LSTM language model: `python train.py [key=value ...]` or `-m` for a sweep."""
+"""Train a character-level language model: `python train.py [key=value ...]` or `-m` for a sweep."""
+
+import sys
 
 import hydra
 
 import charlm.train
-from charlm import resolvers
+from charlm import config, resolvers
+from charlm.errors import exit_on_error
 
 resolvers.register()  # ${charlm.*:...} in conf/hydra/
 
@@ -14,4 +17,6 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    with exit_on_error():
+        config.check_moved(sys.argv[1:])
     main()

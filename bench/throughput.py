@@ -13,7 +13,8 @@ LightningModule, optimiser and clipping stepped by a loop like the plain one: th
 Trainer. With --barebones, "barebones" is the same module in Lightning's `Trainer(barebones=True)`, which
 switches off everything that costs (logging, checkpoints, progress bar, profiler): the Trainer's own
 floor. With --tricks, "without T" is the project with its speed trick T switched off, one variant per trick
-(TRICKS), and the table at the end gives each trick's gain, project / without T. Every run is a fresh Python process, as a user's would be, timed after its warm-up steps; the
+(TRICKS), and the table at the end gives each trick's gain, project / without T. Every run is a fresh
+Python process, as a user's would be, timed after its warm-up steps; the
 variants alternate, several rounds, and each ratio is the median over rounds of variant / plain measured
 in the same round. Characters per second count predicted symbols. The last line is
 `course_ratio=R1 best_ratio=R2`: the project against
@@ -79,6 +80,7 @@ def torch_dropout_masks(like, shapes, ps):
 def without(trick: str) -> list[str]:
     """Switch one of the project's speed tricks off in this process (a fresh one per run); its overrides."""
     import charlm.model
+
     import charlm.module
 
     if trick == "16-bit dropout masks":
@@ -167,7 +169,7 @@ def module_loop(overrides: list[str], steps: int, warmup: int = 0, device: str =
         datamodule, model, _ = build(cfg)
     model.to(device).train()
     params = list(model.parameters())
-    optimizer = hydra.utils.instantiate(cfg.optimizer, params=params)
+    optimizer = model.optimizer(model.named_parameters())
     losses, chars = [], 0
     for i, (x, y) in enumerate(datamodule.train_dataloader()):
         if i == warmup + steps:
@@ -230,7 +232,7 @@ def repackage_hidden(h):
 def plain_loop(cfg, train_ids: torch.Tensor, ntoken: int, steps: int, warmup: int = 0,
                device: str = "cpu") -> tuple[float, list[float]]:
     """Characters per second over `steps` steps after `warmup`, and every step's loss."""
-    if cfg.optimizer._target_ != "torch.optim.SGD" or cfg.model.sum_over_time:
+    if cfg.optimizer._target_ != "torch.optim.SGD" or cfg.loss.sum_over_time:
         raise ValueError("the plain loop trains with plain SGD on the mean NLL, as the course does")
     torch.manual_seed(cfg.seed)
     m = cfg.model

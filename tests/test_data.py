@@ -1,7 +1,7 @@
 """The data pipeline: the course's reading rule, vocabulary order, and the BPTT window layout."""
 
-import torch
 import pytest
+import torch
 
 from charlm import ptb
 from charlm.data import BPTTWindows, PTBDataModule, Vocab, batchify

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from charlm import devices
+from charlm import devices, precision
 from charlm.errors import CharlmError
 from conftest import FAST, compose_config, run_train
 
@@ -117,11 +117,10 @@ def test_job_is_pointed_at_its_device():
 
 
 @pytest.mark.parametrize("has_bf16", [True, False])
-def test_bf16_on_a_cpu_without_bf16_trains_in_32_true_and_says_so(has_bf16, monkeypatch, caplog):
+def test_bf16_on_a_cpu_without_bf16_trains_in_32_true_and_says_so(has_bf16, caplog):
     """A preset's bf16-mixed runs as asked where the CPU has bf16, else in 32-true with a warning (oneDNN
     has no bf16 LSTM kernel there: the run would fail at its first step)."""
-    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: has_bf16)
     cfg = compose_config("experiment=fast_2x200", "trainer.accelerator=cpu")
-    devices.fit_precision(cfg)
-    assert cfg.trainer.precision == ("bf16-mixed" if has_bf16 else "32-true")
+    used = precision.usable(cfg.trainer.precision, cfg.trainer.accelerator, bf16_cpu=has_bf16)
+    assert used == ("bf16-mixed" if has_bf16 else "32-true")
     assert ("trains in 32-true" in caplog.text) is not has_bf16

@@ -19,8 +19,9 @@ import torch
 import charlm
 from charlm import api, evaluate, ptb, query, sample
 from charlm.errors import CharlmError
-from charlm.model import LSTMLM
+from charlm.nets import LSTMLM
 from charlm.ptb import words_to_chars
+from charlm.symbols import kind
 from conftest import FAST, ROOT, TINY_TEXT, train_here, write_tiny_ptb
 
 LONG_TEXT = TINY_TEXT * 300  # ~19k symbols: the "slice" the batch-size comparison scores
@@ -210,15 +211,17 @@ def test_training_logs_a_text_sample_each_validation_epoch(trained):
 
 # --- the API -----------------------------------------------------------------------------------------
 def test_symbols_and_text_at_both_levels():
-    chars = api.to_symbols("the cat\na  dog", "char")
+    char, word, text = kind("char"), kind("word"), kind("text")
+    chars = char.split("the cat\na  dog")
     assert chars == ["t", "h", "e", "_", "c", "a", "t", "<eos>", "a", "_", "d", "o", "g"]
-    assert api.to_text(chars, "char") == "the cat\na dog"
-    assert ptb.tokenize(words_to_chars(" the cat \n")) == api.to_symbols("the cat\n", "char")  # as the files spell it
-    words = api.to_symbols("the cat\na dog <eos> it", "word")
+    assert char.join(chars) == "the cat\na dog"
+    assert ptb.tokenize(words_to_chars(" the cat \n")) == char.split("the cat\n")  # as the files spell it
+    words = word.split("the cat\na dog <eos> it")
     assert words == ["the", "cat", "<eos>", "a", "dog", "<eos>", "it"]
-    assert api.to_text(words, "word") == "the cat\na dog\nit"
-    assert api.level_of(["a", "_", "<eos>"]) == "char" and api.level_of(["the", "<eos>"]) == "word"
-    assert api.level_of(["a"], stored="word") == "word"
+    assert word.join(words) == "the cat\na dog\nit"
+    assert text.split("a b\n") == ["a", " ", "b", "\n"] and text.join(["a", " ", "b"]) == "a b"
+    assert (char.headline, word.headline, text.headline) == ("bpc", "ppl", "bpc")
+    assert set(char.figures(1.0)) == {"nll", "bpc", "ppl", "ppl56"} and set(word.figures(1.0)) == {"nll", "ppl"}
 
 
 def test_load_gives_vocab_score_next_logprobs_sample(trained):
@@ -235,8 +238,8 @@ def test_load_gives_vocab_score_next_logprobs_sample(trained):
 def test_word_level_checkpoints_read_and_write_words(trained):
     words = ["the", "cat", "sat", "<eos>", "a", "dog"]
     net = LSTMLM(len(words), hidden_size=8, num_layers=1)
-    model = api.Model(net, words)
-    assert model.level == "word"
+    model = api.Model(net, words, "word")
+    assert model.kind.name == "word"
     assert model.sample("the cat", length=5, seed=0).startswith("the cat ")
     assert model.score("the cat sat\na dog")["symbols"] == 5
 
@@ -250,7 +253,7 @@ def bad_files(trained, tmp_path_factory) -> Path:
     torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 1}, bad / "other.ckpt")
     (bad / "text.ckpt").write_text("not a checkpoint\n")
     ckpt = torch.load(trained.ckpt, weights_only=True)
-    ckpt["hyper_parameters"]["hidden_size"] += 1
+    ckpt["charlm"]["net"]["hidden_size"] += 1
     torch.save(ckpt, bad / "mismatch.ckpt")
     (bad / "empty").mkdir()
     return bad

@@ -1,14 +1,15 @@
 """The network and the LightningModule: carried state, truncated gradients, learning, schedule."""
 
 import math
+from functools import partial
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 
-from charlm.model import LSTMLM, detach
-from charlm.module import LanguageModel, ZarembaDecay
+from charlm.module import LanguageModel
+from charlm.nets import LSTMLM, detach
+from charlm.schedules import ZarembaDecay
 
 
 def test_shapes_and_uniform_init():
@@ -53,8 +54,8 @@ def test_zaremba_schedule_keeps_lr_then_divides_every_epoch():
 def test_tiny_model_overfits_a_tiny_text():
     torch.manual_seed(0)
     text = torch.tensor([0, 1, 2, 3, 4, 3, 2, 1] * 16)
-    model = LanguageModel(vocab=list("abcde"), hidden_size=32, num_layers=1, dropout=0.0,
-                          optimizer={"_target_": "torch.optim.Adam", "lr": 0.01})
+    model = LanguageModel(LSTMLM(5, hidden_size=32, num_layers=1, dropout=0.0), list("abcde"),
+                          optimizer=partial(torch.optim.Adam, lr=0.01))
     opt = model.configure_optimizers()
     x, y = text[:-1].view(1, -1), text[1:].view(1, -1)
     for _ in range(150):

@@ -1,27 +1,27 @@
 """MuonAdamW: which parameters each part takes, one schedule for both, its state through a checkpoint; the
 CPU gradient clipping."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from charlm.module import LanguageModel
-from charlm.model import LSTMLM
+from charlm.nets import LSTMLM
 from charlm.optim import Float32Muon, MuonAdamW, clip_grad_norm
-
-ONE_CYCLE = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "interval": "step", "max_lr": 0.03,
-             "total_steps": 100, "cycle_momentum": False}
+from charlm.schedules import one_cycle
 
 
 def model():
     torch.manual_seed(0)
-    return LanguageModel(vocab=list("abcdefgh"), hidden_size=16, num_layers=2, dropout=0.0, scheduler=ONE_CYCLE,
-                         optimizer={"_target_": "charlm.optim.MuonAdamW", "named_parameters": True, "lr": 0.03})
+    return LanguageModel(LSTMLM(8, hidden_size=16, num_layers=2, dropout=0.0), list("abcdefgh"),
+                         optimizer=partial(MuonAdamW, lr=0.03))
 
 
 def train(m, steps: int):
-    setup = m.configure_optimizers()
-    opt, sched = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    opt = m.configure_optimizers()
+    sched = one_cycle(opt, total_steps=100, pct_start=0.3, div_factor=25)["scheduler"]
     x = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 6, 5, 4, 3, 2, 1] * 4).view(2, -1)
     losses = []
     for _ in range(steps):
@@ -36,7 +36,7 @@ def train(m, steps: int):
 
 def test_lstm_matrices_go_to_muon_and_the_rest_to_adamw():
     m = model()
-    opt = m.configure_optimizers()["optimizer"]
+    opt = m.configure_optimizers()
     muon, adamw = opt.parts
     names = {id(p): n for n, p in m.named_parameters()}
     assert isinstance(muon, (torch.optim.Muon, Float32Muon)) and isinstance(adamw, torch.optim.AdamW)
@@ -59,7 +59,7 @@ def test_state_round_trips_and_resumes_identically():
     opt1, _ = train(m1, 5)
     m2 = model()
     m2.load_state_dict(m1.state_dict())
-    opt2 = m2.configure_optimizers()["optimizer"]
+    opt2 = m2.configure_optimizers()
     opt2.load_state_dict(opt1.state_dict())
     for a, b in zip(opt1.parts, opt2.parts):
         sa, sb = a.state_dict()["state"], b.state_dict()["state"]
@@ -75,7 +75,7 @@ def test_float32_muon_steps_as_torch_muon_does_and_shares_its_state():
     params = {name: [w.clone().requires_grad_() for w in weights] for name in ("torch", "fp32")}
     opts = {"torch": torch.optim.Muon(params["torch"], lr=0.01, adjust_lr_fn="match_rms_adamw"),
             "fp32": Float32Muon(params["fp32"], lr=0.01)}
-    for step in range(3):
+    for _ in range(3):
         grads = [torch.randn_like(w) for w in weights]
         for name, opt in opts.items():
             for p, g in zip(params[name], grads):
@@ -97,7 +97,7 @@ def test_unnamed_parameters_or_no_matrix_are_refused():
     with pytest.raises(TypeError, match="named_parameters"):
         MuonAdamW(net.parameters())
     with pytest.raises(ValueError, match="no 2-D parameter"):
-        MuonAdamW(torch.nn.Linear(3, 3).named_parameters())
+        MuonAdamW(torch.nn.Embedding(3, 3).named_parameters(prefix="embed"))
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])

@@ -13,7 +13,8 @@ from torch import nn
 
 from charlm import cache, config
 from charlm.data import PTBDataModule
-from charlm.model import LSTMLM, dropout, dropout_masks
+from charlm.nets import LSTMLM
+from charlm.nets.dropout import dropout, dropout_masks
 from conftest import FAST, ROOT, compose_config, train_here, write_tiny_ptb
 
 
@@ -167,8 +168,7 @@ from conftest import compose_config
 from charlm.train import build
 cfg = compose_config("model.hidden_size=512", "cpu.keep_freed_memory=" + sys.argv[1])
 datamodule, model, _ = build(cfg)
-optimizer = model.configure_optimizers()
-optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+optimizer = model.optimizer(model.named_parameters())
 for i, batch in enumerate(datamodule.train_dataloader()):
     if i == 10:
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -243,8 +243,7 @@ def test_presets_compose_within_their_budgets():
     assert (gpu.model.num_layers, gpu.model.hidden_size) == (3, 1000) and gpu.trainer.max_time
     for cfg in (fast, hour, gpu):
         config.check(cfg)
-        schedule = cfg.scheduler.get("lr_lambda") or cfg.scheduler  # cpu_hour: the budget-fitted OneCycle
-        assert schedule.total_steps == "auto" and cfg.scheduler.interval == "step"
+        assert cfg.scheduler._target_ in ("charlm.schedules.one_cycle", "charlm.schedules.one_cycle_budget")
 
 
 # gpu_best (3 x 1000) takes ~45 s of a 2-core CPU without bf16 units: with -m slow

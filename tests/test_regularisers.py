@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from charlm.data import BPTTWindows, WindowLoader
-from charlm.model import LSTMLM, dropout_masks
 from charlm.module import LanguageModel
+from charlm.nets import LSTMLM
+from charlm.nets.dropout import dropout_masks
 from conftest import compose_config
 
 
@@ -101,8 +103,7 @@ def test_masks_drawn_together_are_the_masks_drawn_one_by_one():
 
 @pytest.mark.parametrize("alpha, beta", [(2.0, 0.0), (0.0, 1.0), (2.0, 1.0)])
 def test_ar_and_tar_add_their_penalties_to_the_training_loss_only(alpha, beta):
-    model = LanguageModel(list("abcdefgh"), hidden_size=16, dropout=0.3, ar_alpha=alpha, tar_beta=beta,
-                          optimizer={"_target_": "torch.optim.SGD", "lr": 1.0})
+    model = LanguageModel(LSTMLM(8, hidden_size=16, dropout=0.3), list("abcdefgh"), ar_alpha=alpha, tar_beta=beta)
     batch = (torch.randint(0, 8, (4, 10)), torch.randint(0, 8, (4, 10)))
     torch.manual_seed(0)
     nll, _, penalty = model._nll(batch, None, penalty=True)
@@ -121,7 +122,7 @@ def test_variable_length_windows_cover_each_epoch_in_the_same_count_and_repeat_w
     lengths = [y.size(1) for _, y in (windows[i] for i in range(len(windows)))]
     assert len(windows) == len(fixed) and sum(lengths) == streams.size(1) - 1
     assert len(set(lengths)) > 10 and min(lengths) >= 5 and max(lengths) <= 40 * 1.1 + 40
-    assert sum(l < 30 for l in lengths) > 0  # the seq_len / 2 draws
+    assert sum(n < 30 for n in lengths) > 0  # the seq_len / 2 draws
     again = BPTTWindows(streams, 40, variable_length=True, seed=7)
     assert again.ends == windows.ends
     windows.set_epoch(1)
@@ -135,7 +136,7 @@ def test_variable_length_windows_cover_each_epoch_in_the_same_count_and_repeat_w
 
 
 def test_a_windows_learning_rate_is_scaled_by_its_length_for_its_step_only():
-    model = LanguageModel(list("abcd"), hidden_size=8, seq_len=10, optimizer={"_target_": "torch.optim.SGD", "lr": 1.0})
+    model = LanguageModel(LSTMLM(4, hidden_size=8), list("abcd"), seq_len=10)
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=0.5)
 
@@ -156,10 +157,10 @@ def test_awd_lstm_char_composes_to_the_recipe():
     assert (d.seq_len, d.batch_size, d.test_batch_size, d.variable_length) == (150, 128, 1, True)
     assert (m.dropout_output, m.dropout_hidden, m.dropout_input, m.dropout_embedding, m.weight_drop) == (
         0.1, 0.25, 0.1, 0.0, 0.5)
-    assert m.locked_dropout and (m.ar_alpha, m.tar_beta) == (0.0, 0.0)
+    assert m.locked_dropout and (cfg.loss.ar_alpha, cfg.loss.tar_beta) == (0.0, 0.0)
     assert cfg.optimizer._target_ == "torch.optim.Adam" and (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (
         0.002, 1.2e-6)
     assert list(cfg.scheduler.milestones) == [300, 400] and cfg.scheduler.gamma == 0.1
     assert (cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val) == (500, 0.25)
-    net = LanguageModel([str(i) for i in range(50)], **{k: v for k, v in m.items() if k != "_target_"}).net
+    net = instantiate(cfg.model, vocab_size=50)
     assert net.decoder.weight is net.embed.weight

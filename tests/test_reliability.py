@@ -57,7 +57,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 # every regulariser on (charlm.model, data.variable_length): their masks and window lengths resume exactly too
 REGULARISED = ("model.dropout=0.2", "model.dropout_hidden=0.3", "model.locked_dropout=true",
                "model.dropout_embedding=0.1", "model.weight_drop=0.3", "model.embedding_size=8", "model.tie_weights=true",
-               "model.ar_alpha=1", "model.tar_beta=1", "data.variable_length=true")
+               "loss.ar_alpha=1", "loss.tar_beta=1", "data.variable_length=true")
 
 
 @pytest.mark.parametrize("options", [pytest.param((), marks=pytest.mark.slow), REGULARISED],

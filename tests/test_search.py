@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
+from charlm.symbols import kind
 from conftest import FAST, ROOT, compose_config, run_train, write_tiny_ptb
 
 # A small space over a tiny model; the command line's sweeps replace hparams_search/optuna.yaml's entries
@@ -95,7 +96,7 @@ def test_a_trial_behind_the_median_is_pruned_and_reported_so(tmp_path):
     callback = PruneTrial(trial=second.number, storage=storage, sweep_dir=str(tmp_path), study_name="s", pruner=pruner)
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_step=10, should_stop=False, estimated_stepping_batches=100,
                               default_root_dir=str(tmp_path), callback_metrics={"valid/bpc": 1.4})
-    module = SimpleNamespace(hparams={"level": "char"})
+    module = SimpleNamespace(kind=kind("char"))
     callback.setup(trainer, module, "fit")
     callback.on_validation_end(trainer, module)
     assert not trainer.should_stop and not (tmp_path / PRUNED).exists()  # ahead of the median: goes on
@@ -110,9 +111,10 @@ def test_the_search_space_composes_and_a_bad_one_is_refused(tmp_path):
     assert cfg.hydra.sweeper._target_ == "hydra_plugins.charlm_optuna_sweeper.OptunaSweeper"
     assert set(cfg.hydra.sweeper.params) >= {"optimizer.lr", "model.dropout", "data.seq_len", "model.hidden_size"}
     assert cfg.optimizer._target_.endswith("MuonAdamW") or "muon" in str(cfg.optimizer).lower()
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     from charlm.errors import CharlmError
     from charlm.search import distribution
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     value = OverridesParser.create().parse_override("optimizer.lr=tag(log,interval(0.001,0.1))").value()
     assert distribution("optimizer.lr", value).log

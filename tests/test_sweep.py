@@ -72,7 +72,7 @@ def test_failed_jobs_do_not_sink_the_sweep(tiny_data, tmp_path):
     assert ok["status"] == "completed" and math.isfinite(float(ok["best_valid_bpc"]))
     diverged = rows[5, 1e30, "32-true"]
     assert diverged["status"] == "failed" and "diverged" in diverged["reason"]  # in training, or by the report
-    for (seq_len, lr, precision), row in rows.items():
+    for (seq_len, _, precision), row in rows.items():
         if seq_len == 0:
             assert row["status"] == "failed" and "data.seq_len=0 is out of range" in row["reason"]
         elif precision == "bogus":

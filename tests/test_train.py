@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from conftest import FAST, compose_config, run_train, train_here
 
@@ -14,7 +15,7 @@ def test_default_config_is_the_course_report():
     assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.dropout, cfg.model.init_range) == (200, 2, 0.2, 0.1)
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 1.0
     assert cfg.trainer.gradient_clip_val == 5 and cfg.trainer.max_epochs == 2
-    assert cfg.scheduler.lr_lambda.decay == 2 and cfg.data.level == "char"
+    assert cfg.scheduler.decay == 2 and cfg.data.level == "char"
 
 
 def test_optimizer_is_one_override_away():
@@ -66,12 +67,16 @@ def test_resume_from_checkpoint_continues_training(optimizer, tiny_data, tmp_pat
     ("model.dropout=1.0", "model.dropout=1.0 is out of range: it must be a number in [0, 1)"),
     ("model.hidden_size=0", "model.hidden_size=0 is out of range"),
     ("data.level=bytes", "data.level='bytes' is not allowed"),
-])
+    ("trainer.max_time=garbage", "trainer.max_time='garbage' is out of range: it must be a duration"),
+    ("trainer.precision=fp8", "trainer: Precision 'fp8' is invalid"),
+    ("+model.layers=3", "model: LSTMLM.__init__() got an unexpected keyword argument 'layers'"),
+    ("model=mogrifier model.rounds=-1", "model.rounds=-1 is out of range"),
+] + ([] if torch.cuda.is_available() else [("trainer.accelerator=gpu", "trainer: No supported gpu backend found")]))
 def test_bad_values_are_refused_before_anything_is_written(override, message, tiny_data, tmp_path):
     from charlm.errors import CharlmError
 
     with pytest.raises(CharlmError, match=re.escape(message)) as error:
-        train_here(tmp_path / "run", override, data_dir=tiny_data)
+        train_here(tmp_path / "run", *override.split(), data_dir=tiny_data)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -85,16 +90,19 @@ def test_an_unwritable_run_dir_is_refused_in_one_line(tiny_data):
     assert "\n" not in str(e.value)
 
 
-def test_a_bad_value_is_one_line_on_stderr_and_exit_2(tiny_data, tmp_path):
-    proc = run_train(f"hydra.run.dir={tmp_path / 'run'}", "model.dropout=1.0", data_dir=tiny_data)
+@pytest.mark.parametrize("override, line", [
+    ("model.dropout=1.0", "error: model.dropout=1.0 is out of range: it must be a number in [0, 1)"),
+    ("model.ar_alpha=2", "error: model.ar_alpha is now loss.ar_alpha: pass loss.ar_alpha=2"),
+])
+def test_a_bad_value_is_one_line_on_stderr_and_exit_2(override, line, tiny_data, tmp_path):
+    proc = run_train(f"hydra.run.dir={tmp_path / 'run'}", override, data_dir=tiny_data)
     assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert lines == ["error: model.dropout=1.0 is out of range: it must be a number in [0, 1)"]
+    assert proc.stderr.strip().splitlines() == [line]
 
 
 def test_history_records_the_learning_rate_each_epoch_trained_at(tiny_data, tmp_path):
     history = train_here(tmp_path / "run", "data.batch_size=4", "data.eval_batch_size=2", "model.hidden_size=8",
-                         "trainer.max_epochs=3", "scheduler.lr_lambda.max_epoch=1", "test=false", *FAST,
+                         "trainer.max_epochs=3", "scheduler.max_epoch=1", "test=false", *FAST,
                          data_dir=tiny_data)["history"]
     assert [h["lr"] for h in history] == [1.0, 1.0, 0.5]  # main.lua: epochs 1..max_epoch+1 at lr, then halved
 
@@ -138,8 +146,9 @@ def test_gradient_clipping_follows_the_trainers_algorithm(algorithm):
     import torch
 
     from charlm.module import LanguageModel
+    from charlm.nets import LSTMLM
 
-    model = LanguageModel(list("abcde"), hidden_size=8, optimizer={"_target_": "torch.optim.SGD", "lr": 1.0})
+    model = LanguageModel(LSTMLM(5, hidden_size=8), list("abcde"))
     for p in model.parameters():
         p.grad = torch.linspace(-3, 3, p.numel()).view_as(p)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -238,7 +247,7 @@ def test_a_slower_first_epoch_fits_fewer_epochs(monkeypatch):
     fitted = []
     for epoch_seconds in (60, 120):
         budget, clock = FitTimeBudget("00:01:00:00", margin=0.0), iter([0.0, float(epoch_seconds)])
-        monkeypatch.setattr("charlm.callbacks.time.monotonic", lambda: next(clock))
+        monkeypatch.setattr("charlm.callbacks.time.monotonic", lambda clock=clock: next(clock))
         trainer = SimpleNamespace(max_epochs=100, current_epoch=0, lr_scheduler_configs=[], num_training_batches=10,
                                   fit_loop=SimpleNamespace(max_epochs=100))  # the first epoch ends
         budget.on_train_start(trainer, None)

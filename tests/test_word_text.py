@@ -12,10 +12,13 @@ import pytest
 import torch
 import yaml
 
-from charlm import config, metrics, ptb
+from charlm import config, ptb
 from charlm.data import PTBDataModule, TextDataModule, batchify
 from charlm.errors import CharlmError
-from charlm.module import LanguageModel, ZarembaDecay
+from charlm.module import LanguageModel
+from charlm.nets import LSTMLM
+from charlm.schedules import ZarembaDecay
+from charlm.symbols import kind
 from conftest import FAST, compose_config, run_train, train_here
 from test_download import serve  # noqa: F401  (the local HTTP server fixture)
 
@@ -64,10 +67,10 @@ def test_word_download_fetches_only_the_word_files(real_data, tmp_path, serve): 
 
 
 def test_word_metrics_are_per_word_only():
-    values = metrics.from_nll(math.log(120.0), "word")
+    values = kind("word").figures(math.log(120.0))
     assert set(values) == {"nll", "ppl"} and values["ppl"] == pytest.approx(120.0)
-    assert set(metrics.from_nll(1.0, "char")) == {"nll", "bpc", "ppl", "ppl56"}
-    assert set(metrics.from_nll(1.0, "text")) == {"nll", "bpc", "ppl"}
+    assert set(kind("char").figures(1.0)) == {"nll", "bpc", "ppl", "ppl56"}
+    assert set(kind("text").figures(1.0)) == {"nll", "bpc", "ppl"}
 
 
 def test_ptb_word_training_run_writes_perplexity(real_data, tmp_path, capsys):
@@ -83,7 +86,7 @@ def test_ptb_word_training_run_writes_perplexity(real_data, tmp_path, capsys):
     assert "best_valid_bpc" not in result and "bpc" not in stdout and "ppl" in stdout
     assert len(json.loads((run_dir / "vocab.json").read_text())) == 10_000
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["hyper_parameters"]["level"] == "word" and "best_valid_ppl" in ckpt["charlm"]
+    assert ckpt["charlm"]["symbols"] == "word" and "best_valid_ppl" in ckpt["charlm"]
 
 
 # --- Zaremba et al.'s recipes -----------------------------------------------------------------------
@@ -118,7 +121,7 @@ def test_sum_over_time_scales_the_gradient_by_the_window_length():
     grads = []
     for summed in (False, True):
         torch.manual_seed(0)
-        model = LanguageModel(list("abcde"), hidden_size=8, num_layers=1, dropout=0.0, sum_over_time=summed)
+        model = LanguageModel(LSTMLM(5, hidden_size=8, num_layers=1, dropout=0.0), list("abcde"), sum_over_time=summed)
         model.training_step((x, y), 0).backward()
         grads.append(model.net.decoder.weight.grad)
     assert torch.allclose(grads[1], 7 * grads[0])
@@ -133,8 +136,8 @@ RECIPES = {  # hidden, seq_len, dropout, init, max_epoch, decay, epochs, clip
 
 def recipe(cfg) -> tuple:
     return (cfg["model"]["hidden_size"], cfg["data"]["seq_len"], cfg["model"]["dropout"],
-            cfg["model"]["init_range"], cfg["scheduler"]["lr_lambda"]["max_epoch"],
-            cfg["scheduler"]["lr_lambda"]["decay"], cfg["trainer"]["max_epochs"],
+            cfg["model"]["init_range"], cfg["scheduler"]["max_epoch"],
+            cfg["scheduler"]["decay"], cfg["trainer"]["max_epochs"],
             cfg["trainer"]["gradient_clip_val"])
 
 
@@ -142,7 +145,7 @@ def recipe(cfg) -> tuple:
 def test_zaremba_experiments_compose_to_the_papers_recipes(name):
     cfg = compose_config(f"experiment={name}")
     assert recipe(cfg) == RECIPES[name]
-    assert cfg.data.level == "word" and cfg.model.num_layers == 2 and cfg.model.sum_over_time
+    assert cfg.data.level == "word" and cfg.model.num_layers == 2 and cfg.loss.sum_over_time
     assert (cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.test_batch_size) == (20, 20, 1)
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 1.0
 
@@ -226,6 +229,9 @@ def test_text_mistakes_are_one_line_errors(tmp_path):
     with pytest.raises(CharlmError) as error:
         train_here(tmp_path / "run", "data=text", f"data.path={tmp_path}", data_dir=tmp_path)
     assert str(error.value) == f"data.path={tmp_path} is a directory; set data.path to a UTF-8 text file"
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(CharlmError, match="empty.txt is empty; set data.path to a text to train on"):
+        TextDataModule(str(tmp_path / "empty.txt")).setup()
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +264,7 @@ def test_sampling_from_a_text_checkpoint_continues_the_text(text_run):
     """What a sampler needs is in the checkpoint alone: the weights, the level and the real characters."""
     run_dir, _ = text_run
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["hyper_parameters"]["level"] == "text"
+    assert ckpt["charlm"]["symbols"] == "text"
     model = LanguageModel.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt", map_location="cpu").eval()
     vocab = ckpt["charlm"]["vocab"]
     index = {s: i for i, s in enumerate(vocab)}
@@ -278,7 +284,7 @@ def test_sampling_a_text_checkpoint_through_the_api(text_run):
 
     run_dir, _ = text_run
     lm = charlm.load(run_dir / "checkpoints" / "best.ckpt")
-    assert lm.level == "text"
+    assert lm.kind.name == "text"
     prompt = "the dog sat on the log.\n"
     assert lm.sample(prompt, 48, greedy=True) == prompt + "the cat sat on the mat.\nthe dog sat on the log.\n"
     assert len(lm.sample("", 30, seed=1)) == 30  # no prime: starts after a newline, which text has
@@ -292,7 +298,7 @@ def test_word_checkpoint_evaluates_and_samples_words(real_data, tmp_path):
     run_dir = tmp_path / "run"
     train_here(run_dir, "data=ptb_word", *SMALL, data_dir=real_data)
     lm = charlm.load(run_dir / "checkpoints" / "best.ckpt")
-    assert lm.level == "word" and len(lm.sample("the company said", 20, seed=0).split()) >= 20
+    assert lm.kind.name == "word" and len(lm.sample("the company said", 20, seed=0).split()) >= 20
     args = evaluate.parser().parse_args([str(run_dir / "checkpoints" / "best.ckpt"), "--data-dir", str(real_data),
                                          "--limit", "2000", "--batch-size", "4"])
     result = evaluate.evaluate(args)

@@ -13,63 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from charlm import checkpoint, metrics
+from charlm import checkpoint, nets
 from charlm.data import Vocab, batchify
 from charlm.errors import CharlmError
-from charlm.model import LSTMLM, State, detach
-from charlm.ptb import EOS, SPACE, line_to_chars, tokenize
+from charlm.symbols import Symbols, kind
 
 CHUNK_VALUES = 1 << 22  # logits held at once while scoring (16 MiB of float32): bounds chunk length x batch x V
-MAX_CHUNK = 4096  # steps per fused LSTM call while scoring
-
-
-# --- symbols <-> text: the one place that decides how a level's symbols are split and joined ----------
-def level_of(symbols: Sequence[str], stored: str | None = None) -> str:
-    """`char` when every symbol but `<eos>` is one character, else `word` (unless the checkpoint says)."""
-    if stored:
-        return stored
-    return "char" if all(len(s) == 1 or s == EOS for s in symbols) else "word"
-
-
-def to_symbols(text: str, level: str) -> list[str]:
-    """Plain text -> symbols as the PTB files of `level` spell it.
-
-    Words are split on whitespace and a newline (or a literal `<eos>`) ends a line. At char level each
-    word becomes its characters with `_` between two words of a line, exactly as the character files
-    were derived from the word files.
-    """
-    if level == "word":
-        return tokenize(text)
-    if level == "text":  # any text (data=text): every character is a symbol
-        return list(text)
-    symbols: list[str] = []
-    for i, line in enumerate(text.replace(EOS, "\n").split("\n")):
-        symbols += ([EOS] if i else []) + line_to_chars(line)
-    return symbols
-
-
-def to_text(symbols: Sequence[str], level: str) -> str:
-    """Symbols -> plain text: `<eos>` becomes a newline; words are joined by spaces, characters by nothing."""
-    if level == "text":
-        return "".join(symbols)
-    if level == "word":
-        lines, line = [], []
-        for s in symbols:
-            if s == EOS:
-                lines.append(" ".join(line))
-                line = []
-            else:
-                line.append(s)
-        return "\n".join(lines + [" ".join(line)])
-    return "".join("\n" if s == EOS else " " if s == SPACE else s for s in symbols)
+MAX_CHUNK = 4096  # steps per network call while scoring
 
 
 # --- dynamic evaluation -------------------------------------------------------------------------------
@@ -88,17 +47,14 @@ class Dynamic:
 
 # --- the model ---------------------------------------------------------------------------------------
 class Model:
-    """A trained network with its vocabulary; every method works in eval mode and leaves the weights as loaded."""
+    """A trained network with its vocabulary and kind of symbol; every method works in eval mode and leaves
+    the weights as loaded. It uses only the network's forward, and its one-symbol `step` where it has one."""
 
-    def __init__(self, net: LSTMLM, vocab: Vocab | Sequence[str], level: str | None = None):
+    def __init__(self, net: nn.Module, vocab: Vocab | Sequence[str], symbols: Symbols | str = "char"):
         self.net = net
         self.vocab = vocab if isinstance(vocab, Vocab) else Vocab(list(vocab))
-        self.level = level_of(self.vocab.symbols, level)
+        self.kind = kind(symbols) if isinstance(symbols, str) else symbols
         self._ids = torch.arange(len(self.vocab), device=self.device)[:, None]  # symbol i as a batch of 1
-        # One query step is ~0.5 ms through nn.LSTM on CPU, whatever the length; the same weights through
-        # torch.lstm_cell, with layer 0's input gates looked up per symbol, take a third of that.
-        self._cells = [tuple(layer.all_weights[0]) for layer in net.lstm]  # (w_ih, w_hh, b_ih, b_hh) per layer
-        self._table, self._table_key = None, None
 
     @property
     def device(self) -> torch.device:
@@ -107,10 +63,10 @@ class Model:
     # symbols
     def symbols(self, text: str | Sequence[str]) -> list[str]:
         """Plain text -> this model's symbols (a list of symbols is taken as it is)."""
-        return to_symbols(text, self.level) if isinstance(text, str) else list(text)
+        return self.kind.split(text) if isinstance(text, str) else list(text)
 
     def text(self, symbols: Sequence[str]) -> str:
-        return to_text(symbols, self.level)
+        return self.kind.join(symbols)
 
     def encode(self, text: str | Sequence[str], what: str = "the text") -> torch.Tensor:
         """Text or symbols -> ids; symbols outside the vocabulary are an error that names all of them."""
@@ -136,34 +92,15 @@ class Model:
                 self.net.train()
 
     # one symbol at a time
-    def _input_gates(self) -> torch.Tensor:
-        """(V, 4H): every symbol's embedding through layer 0's input weights, plus both biases, so a step
-        looks its row up instead of multiplying; rebuilt whenever one of those weights has changed."""
-        w_ih, w_hh, b_ih, b_hh = self._cells[0]
-        key = tuple((t.data_ptr(), t._version) for t in (self.net.embed.weight, w_ih, b_ih, b_hh))
-        if key != self._table_key:
-            with torch.no_grad():
-                self._table = torch.addmm(b_ih + b_hh, self.net.embed.weight, w_ih.t())
-            self._table_key = key
-        return self._table
+    def _step(self, ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """ids (batch,) -> logits (batch, V) for the next symbol, and the new state: the network's own
+        `step` where it has one, else its forward over one step."""
+        if hasattr(self.net, "step"):
+            return self.net.step(ids, state)
+        logits, state = self.net(ids[:, None], state)
+        return logits[:, 0], state
 
-    def _step(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        """ids (batch,) -> logits (batch, V) for the next symbol, and the new state."""
-        if state is None:
-            state = tuple(tuple(torch.zeros(1, ids.size(0), layer.hidden_size, device=ids.device) for layer in self.net.lstm)
-                          for _ in "hc")
-        # layer 0 by hand (nn.LSTM's gate order i, f, g, o), the layers above through lstm_cell
-        i, f, g, o = torch.addmm(self._input_gates()[ids], state[0][0][0], self._cells[0][1].t()).chunk(4, 1)
-        c = torch.sigmoid(f) * state[1][0][0] + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        hs, cs = [h[None]], [c[None]]
-        for k in range(1, len(self._cells)):
-            h, c = torch.lstm_cell(h, (state[0][k][0], state[1][k][0]), *self._cells[k])
-            hs.append(h[None])
-            cs.append(c[None])
-        return self.net.decoder(h), (tuple(hs), tuple(cs))
-
-    def next_logprobs(self, state: State | None, symbol: str) -> tuple[torch.Tensor, State]:
+    def next_logprobs(self, state: Any, symbol: str) -> tuple[torch.Tensor, Any]:
         """Read `symbol` after `state` (None: the start of a text); return the log-probabilities of every
         vocabulary symbol for the next one, in vocabulary order, and the new state. The old state is kept."""
         if symbol not in self.vocab.index:
@@ -177,14 +114,14 @@ class Model:
     def score(self, text: str | Sequence[str], batch_size: int = 1, dynamic: Dynamic | None = None) -> dict:
         """Mean NLL over every predicted symbol of `text` (all but the first of each of `batch_size`
         contiguous streams), the hidden state carried from start to end, accumulated in float64.
-        Returns metrics.from_nll's nll, bpc, ppl, ppl56, plus `symbols`, the number predicted."""
+        Returns the kind's figures (nll, bpc, ...), plus `symbols`, the number predicted."""
         ids = self.encode(text)
         if len(ids) < 2 * batch_size:
             raise CharlmError(f"{len(ids)} symbols are too few to score at batch size {batch_size}: "
                               f"each of the {batch_size} streams needs at least 2")
         streams = batchify(ids, batch_size).to(self.device)
         total, count = self._dynamic_nll(streams, dynamic) if dynamic else self._nll(streams)
-        return {**metrics.from_nll(total / count, self.level), "symbols": count}
+        return {**self.kind.figures(total / count), "symbols": count}
 
     def _nll(self, streams: torch.Tensor) -> tuple[float, int]:
         """Sum of NLL over batched streams, one fused LSTM call per chunk of up to MAX_CHUNK steps."""
@@ -220,7 +157,7 @@ class Model:
                 with torch.no_grad():
                     for p, p0 in zip(net.parameters(), trained):
                         p.lerp_(p0, dyn.decay)
-            state = detach(state)
+            state = nets.detach(state)
         return float(total), streams[:, 1:].numel()
 
     def sample(self, prime: str | Sequence[str] = "", length: int = 200, temperature: float = 1.0,
@@ -234,7 +171,7 @@ class Model:
         symbols = self.symbols(prime)
         ids = self.encode(symbols, what="the prime")
         if not len(ids):
-            start = "\n" if self.level == "text" else EOS
+            start = self.kind.start
             if start not in self.vocab.index:
                 raise CharlmError(f"this vocabulary has no {start!r} to start from; give a prime")
             ids = torch.tensor([self.vocab.index[start]])
@@ -264,10 +201,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
     """Load a checkpoint written by `python train.py` (best.ckpt, last.ckpt) as a Model on `device`."""
     path = Path(path).expanduser()
     ckpt = checkpoint.read(path)
-    hparams, extra = ckpt["hyper_parameters"], ckpt["charlm"]
+    extra = ckpt["charlm"]
     vocab = Vocab(list(extra["vocab"]))
-    wanted = inspect.signature(LSTMLM).parameters
-    net = LSTMLM(len(vocab), **{k: v for k, v in hparams.items() if k in wanted and k != "vocab_size"})
+    net = nets.build(checkpoint.net_config(ckpt), len(vocab))
     weights = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     try:
         net.load_state_dict(weights)
@@ -275,4 +211,4 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
         raise CharlmError(f"{path}'s weights do not fit the network its hyper-parameters describe "
                           f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
                           f"the file is corrupt or from another version") from None
-    return Model(net.to(device).eval(), vocab, extra.get("level") or hparams.get("level"))
+    return Model(net.to(device).eval(), vocab, checkpoint.symbols(ckpt))

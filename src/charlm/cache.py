@@ -13,8 +13,8 @@ import io
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

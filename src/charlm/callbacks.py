@@ -10,9 +10,8 @@ import time
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from charlm import metrics
 from charlm.api import Model
-from charlm.module import OneCycle
+from charlm.schedules import OneCycle
 
 
 class Throughput(L.Callback):
@@ -28,8 +27,7 @@ class Throughput(L.Callback):
         self.tokens += batch[1].numel() * trainer.world_size
         if (trainer.global_step % trainer.log_every_n_steps == 0) and self.start is not None:
             now = time.perf_counter()
-            unit = metrics.UNIT[pl_module.hparams.get("level", "char")]
-            pl_module.log(f"train/{unit}_per_sec", self.tokens / max(now - self.start, 1e-9))
+            pl_module.log(f"train/{pl_module.kind.unit}_per_sec", self.tokens / max(now - self.start, 1e-9))
             self.tokens, self.start = 0, now
 
 
@@ -115,7 +113,7 @@ class SampleText(L.Callback):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if trainer.sanity_checking or not trainer.is_global_zero or not loggers:
             return
-        model = Model(pl_module.net, pl_module.vocab, pl_module.hparams.get("level"))
+        model = Model(pl_module.net, pl_module.vocab, pl_module.kind)
         text = model.sample(self.prime, self.length, self.temperature, seed=self.seed)
         markdown = "\n".join("    " + line for line in text.split("\n"))  # a code block keeps the text as is
         for logger in loggers:
@@ -132,7 +130,7 @@ class FitTimeBudget(L.Callback):
     """A run with a time budget (`max_time`, as trainer.max_time) trains as many epochs as fit in it, its
     schedule annealed within them: after each epoch (its validation included) it sets max_epochs to the
     epochs done plus those that fit in the time left, less `margin`, at the mean epoch time so far, and
-    shortens every charlm.module.OneCycle schedule to them. It only ever shortens the run.
+    shortens every charlm.schedules.OneCycle schedule to them. It only ever shortens the run.
 
     Why: trainer.max_time alone stops a run wherever the clock runs out, on a slow or busy machine with its
     learning rate still high. The decision is kept in checkpoints, so a resumed run keeps it.

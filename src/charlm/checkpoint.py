@@ -78,3 +78,24 @@ def check_unfinished(ckpt: dict[str, Any], max_epochs: int, path: str | os.PathL
     if finished(ckpt, max_epochs):
         raise CharlmError(f"checkpoint {path} is of a finished run: it trained {done} of trainer.max_epochs="
                           f"{max_epochs} epochs; to train it further, raise trainer.max_epochs above {done}")
+
+
+def net_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The network a checkpoint holds, {"_target_": class path, **options}: as it says, or for a checkpoint
+    written before networks were plug-ins (no "format"), the course's LSTM with the options its
+    hyper-parameters list."""
+    if "net" in ckpt["charlm"]:
+        return dict(ckpt["charlm"]["net"])
+    import inspect
+
+    from charlm.nets import LSTMLM, target_of
+
+    options = inspect.signature(LSTMLM).parameters
+    hparams = ckpt["hyper_parameters"]
+    return {"_target_": target_of(LSTMLM), **{k: v for k, v in hparams.items() if k in options and k != "vocab_size"}}
+
+
+def symbols(ckpt: dict[str, Any]) -> str:
+    """The name of the checkpoint's kind of symbol (charlm.symbols): as it says, or as an earlier version's
+    `level` said."""
+    return ckpt["charlm"].get("symbols") or ckpt["charlm"].get("level") or ckpt["hyper_parameters"].get("level", "char")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -35,16 +36,33 @@ RULES = {
     "model.dropout_embedding": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "model.weight_drop": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "model.embedding_size": _int_at_least(1),
-    "model.ar_alpha": _number(lambda v: v >= 0, "a number >= 0"),
-    "model.tar_beta": _number(lambda v: v >= 0, "a number >= 0"),
+    "model.rounds": _int_at_least(0),
+    "model.rank": _int_at_least(0),
+    "loss.ar_alpha": _number(lambda v: v >= 0, "a number >= 0"),
+    "loss.tar_beta": _number(lambda v: v >= 0, "a number >= 0"),
     "model.init_range": _number(lambda v: v > 0, "a number > 0"),
     "optimizer.lr": _number(lambda v: v > 0, "a number > 0"),
     "trainer.max_epochs": _int_at_least(1),
+    "trainer.max_time": ((lambda v: isinstance(v, str) and re.fullmatch(r"\d+:\d+:\d+:\d+", v) is not None),
+                         'a duration "DD:HH:MM:SS" (e.g. 00:01:00:00) or null'),
     "trainer.gradient_clip_val": _number(lambda v: v >= 0, "a number >= 0 (0 or null: no clipping)"),
     "seed": _int_at_least(0),
     "cpu.threads": _int_at_least(1),
 }
 CHOICES = {"data.level": ("char", "word"), "data.unknown": ("unk", "error")}
+# Keys that moved: an override of the old name is refused with the new one.
+MOVED = {"model.sum_over_time": "loss.sum_over_time", "model.ar_alpha": "loss.ar_alpha",
+         "model.tar_beta": "loss.tar_beta", "scheduler.lr_lambda.max_epoch": "scheduler.max_epoch",
+         "scheduler.lr_lambda.decay": "scheduler.decay"}
+
+
+def check_moved(args: list[str]) -> None:
+    """Refuse a command-line override of a key that moved, naming where it went (Hydra would say only that
+    the key is not in the config, in four lines)."""
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key in MOVED:
+            raise CharlmError(f"{key} is now {MOVED[key]}: pass {arg.replace(key, MOVED[key], 1).lstrip('+~')}")
 
 
 def check(cfg: DictConfig) -> None:

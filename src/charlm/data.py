@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from charlm import cache as token_cache
 from charlm import ptb
 from charlm.errors import CharlmError
+from charlm.symbols import KINDS, Symbols
 
 
 class Vocab:
@@ -25,7 +26,7 @@ class Vocab:
             raise CharlmError("vocabulary has repeated symbols; the vocab file or checkpoint is corrupt")
 
     @classmethod
-    def from_tokens(cls, tokens: list[str]) -> "Vocab":
+    def from_tokens(cls, tokens: list[str]) -> Vocab:
         return cls(list(dict.fromkeys(tokens)))
 
     def __len__(self) -> int:
@@ -131,13 +132,13 @@ class WindowLoader:
 class StreamDataModule(L.LightningDataModule):
     """Three token streams (train, valid, test) as batched BPTT windows, in order, never shuffled.
 
-    The one loader of the project: subclasses only say how to read the streams (`load`). `level` names
-    the kind of symbol (charlm.metrics picks the figures that make sense for it). The test split may be
+    The one loader of the project: subclasses only say how to read the streams (`load`) and what kind of
+    symbol they hold (`kind`, charlm.symbols: how text becomes symbols and which figures judge a model). The test split may be
     read with its own number of streams (`test_batch_size`; Zaremba's main.lua scores test as one stream).
     `variable_length` draws the training windows' lengths around seq_len (BPTTWindows), from the run's seed.
     """
 
-    level = "char"
+    kind: Symbols = KINDS["char"]
 
     def __init__(self, seq_len: int = 10, batch_size: int = 20, eval_batch_size: int = 10,
                  test_batch_size: int | None = None, variable_length: bool = False):
@@ -208,6 +209,9 @@ class PTBDataModule(StreamDataModule):
         super().__init__(seq_len, batch_size, eval_batch_size, test_batch_size, variable_length)
         self.data_dir = Path(os.path.expanduser(str(data_dir)))
         self.level, self.url, self.download, self.verify, self.cache = level, url, download, verify, cache
+        if level not in ("char", "word"):
+            raise CharlmError(f"data.level={level!r} is not allowed: it must be char or word")
+        self.kind = KINDS[level]
 
     def prepare_data(self) -> None:
         if self.download:
@@ -238,7 +242,7 @@ class TextDataModule(StreamDataModule):
     "error" stops with the character and its offset in the file.
     """
 
-    level = "text"
+    kind = KINDS["text"]
     UNK = "<unk>"  # several characters long, so no character of any text can be it
 
     def __init__(self, path: str, valid_fraction: float = 0.05, test_fraction: float = 0.05,
@@ -251,7 +255,7 @@ class TextDataModule(StreamDataModule):
     def read_text(self) -> str:
         """The file's exact characters (no newline translation)."""
         try:
-            return self.path.read_bytes().decode("utf-8")
+            text = self.path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             raise CharlmError(f"data.path={self.path} does not exist; set data.path to a UTF-8 text file") from None
         except IsADirectoryError:
@@ -259,6 +263,9 @@ class TextDataModule(StreamDataModule):
         except UnicodeDecodeError as e:
             raise CharlmError(f"data.path={self.path} is not UTF-8 text ({e.reason} at byte {e.start}); "
                               f"convert it to UTF-8") from None
+        if not text.strip():
+            raise CharlmError(f"data.path={self.path} is empty; set data.path to a text to train on")
+        return text
 
     def split(self, text: str) -> dict[str, tuple[int, str]]:
         """Each split's offset in the text and its characters: train, valid, test, contiguous and in order."""

@@ -13,7 +13,6 @@ ids, and adds `device_pool` to the config: integer ids are GPU indices, any othe
 from __future__ import annotations
 
 import fcntl
-import functools
 import logging
 import os
 import time
@@ -64,31 +63,6 @@ def hold(ids: list, lock_dir: Path, poll_s: float = 0.2) -> Iterator:
                 lock.close()  # closing the file drops the lock
             return
         time.sleep(poll_s)
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bf16 (AVX512-BF16 or AMX). Elsewhere oneDNN's bf16 LSTM kernel fails
-    outright ("could not create a primitive descriptor") and bf16 matmuls are emulated, 20-40x slower than
-    float32. torch has no public flag that says so, so a one-step LSTM under bf16 autocast tries."""
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            torch.nn.LSTM(4, 4)(torch.zeros(1, 1, 4))
-    except RuntimeError:
-        return False
-    return True
-
-
-def fit_precision(cfg: DictConfig) -> None:
-    """bf16 asked for on a CPU that cannot run it in an LSTM: train in 32-true instead, and say so (the
-    presets ask for bf16, which is fast where the CPU has it; elsewhere they would not run at all)."""
-    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
-    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default="auto")
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and precision.startswith("bf16") and not cpu_has_bf16():
-        log.warning(f"trainer.precision={precision}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has "
-                    f"no bf16 LSTM kernel, so the run trains in 32-true; pass trainer.precision=32-true to say so")
-        cfg.trainer.precision = "32-true"
 
 
 def in_sweep() -> bool:

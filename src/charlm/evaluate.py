@@ -16,10 +16,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from charlm import api, metrics, ptb
+from charlm import api, ptb
 from charlm.cli import Parser, number, run
 from charlm.errors import CharlmError
 from charlm.files import write_json
+from charlm.symbols import kind
 
 
 def parser() -> Parser:
@@ -65,17 +66,17 @@ def split_tokens(data_dir: Path | None, level: str, split: str, limit: int | Non
 
 def evaluate(args) -> dict:
     model = api.load(args.checkpoint)
-    if model.level == "text":
+    if model.kind.name not in ("char", "word"):  # the PTB files hold characters or words
         raise CharlmError(f"{args.checkpoint} was trained on a text file (data=text), not PTB; its run's "
                           f"metrics.json holds its valid and test figures")
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else run_data_dir(args.checkpoint)
-    tokens = split_tokens(data_dir, model.level, args.split, args.limit)
+    tokens = split_tokens(data_dir, model.kind.name, args.split, args.limit)
     dynamic = api.Dynamic(args.dynamic_lr, args.segment_len, args.dynamic_decay) if args.dynamic else None
     started = time.perf_counter()
     scores = model.score(tokens, batch_size=args.batch_size, dynamic=dynamic)
     seconds = time.perf_counter() - started
-    return {"checkpoint": str(Path(args.checkpoint).resolve()), "level": model.level, "split": args.split, "batch_size": args.batch_size,
-            "limit": args.limit, "dynamic": vars(dynamic) if dynamic else None, **scores,
+    return {"checkpoint": str(Path(args.checkpoint).resolve()), "level": model.kind.name, "split": args.split,
+            "batch_size": args.batch_size, "limit": args.limit, "dynamic": vars(dynamic) if dynamic else None, **scores,
             "seconds": round(seconds, 3), "symbols_per_s": round(scores["symbols"] / seconds, 1)}
 
 
@@ -95,7 +96,7 @@ def body(args) -> None:
         raise CharlmError(f"cannot write {path} ({e.strerror}); pass --output to a writable place") from None
     how = f"batch {args.batch_size}" + (f", dynamic lr {args.dynamic_lr} every {args.segment_len}" if args.dynamic else "")
     print(f"{args.split}: {result['symbols']} symbols predicted ({how}) in {result['seconds']:.1f} s")
-    print("  ".join(f"{k} {result[k]:.6f}" for k in metrics.from_nll(result["nll"], result["level"])))
+    print("  ".join(f"{k} {result[k]:.6f}" for k in kind(result["level"]).figures(result["nll"])))
     print(f"json: {path}")
 
 

@@ -1,114 +1,89 @@
-"""The LightningModule: truncated BPTT with carried hidden states, token-weighted metrics, Hydra optimisers."""
+"""The LightningModule: truncated BPTT with carried states, token-weighted metrics, the optimiser's step.
+
+It takes a built network (charlm.nets' contract) and optimiser and scheduler factories, so it knows no
+config system: the run layer (charlm.train) builds them from Hydra's config."""
 
 from __future__ import annotations
 
-import copy
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from charlm import metrics
+from charlm import nets
 from charlm.errors import CharlmError
 from charlm.metrics import TokenNLL
-from charlm.model import LSTMLM, State, detach
 from charlm.optim import clip_grad_norm
+from charlm.symbols import Symbols, kind
 
-
-def _plain(cfg: Any) -> Any:
-    """Config objects become plain dicts, so checkpoints load without Hydra or pickled classes."""
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-class ZarembaDecay:
-    """Zaremba's main.lua schedule as a LambdaLR factor: after each epoch e (1-based) with e > max_epoch
-    the learning rate is divided by `decay`, so the 0-based epoch E trains at lr / decay**max(0, E - max_epoch)."""
-
-    def __init__(self, max_epoch: int = 4, decay: float = 2.0):
-        self.max_epoch, self.decay = max_epoch, decay
-
-    def __call__(self, epoch: int) -> float:
-        return self.decay ** -max(0, epoch - self.max_epoch)
-
-
-class OneCycle:
-    """OneCycleLR's shape as a LambdaLR factor whose length can change while the run goes: a linear warm-up
-    from 1/div_factor to 1 over the first pct_start of total_steps, then a linear or cosine anneal to
-    1/(div_factor * final_div_factor) at the last step. torch's OneCycleLR fixes its length when it is made;
-    here charlm.callbacks.FitTimeBudget shortens it when the epochs so far show fewer fit in
-    trainer.max_time. LambdaLR saves the factor's attributes with its state, so a resumed run keeps them."""
-
-    def __init__(self, total_steps: int | str = "auto", pct_start: float = 0.1, div_factor: float = 10,
-                 final_div_factor: float = 100, anneal_strategy: str = "linear"):
-        self.total_steps, self.pct_start, self.anneal = total_steps, pct_start, anneal_strategy
-        self.start, self.end = 1 / div_factor, 1 / (div_factor * final_div_factor)
-
-    def __call__(self, step: int) -> float:
-        """The factor at `step`, phase by phase as torch's OneCycleLR (three_phase off) computes it."""
-        warm_end = self.pct_start * self.total_steps - 1
-        if step <= warm_end:
-            t, a, b = step / warm_end, self.start, 1.0
-        else:
-            t, a, b = (step - warm_end) / (self.total_steps - 1 - warm_end), 1.0, self.end
-        t = min(t, 1.0)
-        if self.anneal == "linear":
-            return a + (b - a) * t
-        return b + (a - b) * (1 + math.cos(math.pi * t)) / 2
+# What a checkpoint's "charlm" entry holds: 2 adds the network's description ("net") and the kind of symbol
+# ("symbols"); 1 (no "format" key) was the LSTM alone, its options among the hyper-parameters.
+FORMAT = 2
 
 
 class LanguageModel(L.LightningModule):
-    """The LSTM language model trained with truncated BPTT.
+    """A language model trained with truncated BPTT.
 
     The training state is carried from window to window (detached at each step) and reset at each epoch;
     validation and test carry their own state over the whole split, so neither disturbs the other.
-    `level` is the data's kind of symbol: it picks the reported figures (charlm.metrics). With
-    `sum_over_time` the gradient is that of the NLL summed over a window's steps and averaged over the
+    `net` is any network of charlm.nets' contract, or its description ({"_target_": class path, **options});
+    the description (`net_config` for a built network) is kept in checkpoints, so that charlm.load and
+    load_from_checkpoint rebuild it. `symbols` is the data's kind of symbol:
+    it picks the reported figures. `optimizer(named_parameters)` makes the optimiser and
+    `scheduler(optimizer, total_steps)` Lightning's scheduler config (charlm.schedules).
+    With `sum_over_time` the gradient is that of the NLL summed over a window's steps and averaged over the
     batch, as in Zaremba's main.lua (seq_len times the per-symbol mean's, which is what is logged).
     `ar_alpha` and `tar_beta` add AWD-LSTM's activation regularisation (alpha times the mean square of the
     last layer's dropped output) and temporal activation regularisation (beta times the mean square of the
-    change of its raw output from one step to the next) to the training loss; the logged loss is the NLL.
-    `network` holds LSTMLM's other options (per-place, locked, embedding and weight dropout, tied weights).
-    A window shorter or longer than `data.seq_len` (data.variable_length) trains at the learning rate
-    scaled by its length / seq_len, as AWD-LSTM does.
+    change of its raw output from one step to the next) to the training loss, for a network whose forward
+    takes `outputs=True`; the logged loss is the NLL. A window shorter or longer than `seq_len`
+    (data.variable_length) trains at the learning rate scaled by its length / seq_len, as AWD-LSTM does.
     """
 
-    def __init__(self, vocab: list[str], hidden_size: int = 200, num_layers: int = 2, dropout: float = 0.2,
-                 init_range: float = 0.1, optimizer: dict | None = None, scheduler: dict | None = None,
-                 level: str = "char", sum_over_time: bool = False, ar_alpha: float = 0.0, tar_beta: float = 0.0,
-                 seq_len: int | None = None, **network):
+    def __init__(self, net: nn.Module | dict, vocab: Sequence[str], symbols: Symbols | str = "char",
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 scheduler: Callable[..., dict] | None = None, sum_over_time: bool = False, ar_alpha: float = 0.0,
+                 tar_beta: float = 0.0, seq_len: int | None = None, net_config: dict | None = None):
         super().__init__()
-        self.save_hyperparameters({"vocab": list(vocab), "hidden_size": hidden_size, "num_layers": num_layers,
-                                   "dropout": dropout, "init_range": init_range,
-                                   "optimizer": _plain(optimizer), "scheduler": _plain(scheduler),
-                                   "level": level, "sum_over_time": sum_over_time, "ar_alpha": ar_alpha,
-                                   "tar_beta": tar_beta, "seq_len": seq_len, **network},
-                                  logger=False)
-        self.vocab = list(vocab)
-        self.level, self.headline = level, metrics.HEADLINE[level]
-        self.net = LSTMLM(len(vocab), hidden_size, num_layers, dropout, init_range, **network)
+        if isinstance(net, dict):
+            net_config, net = dict(net), nets.build(net, len(vocab))
+        self.kind = kind(symbols) if isinstance(symbols, str) else symbols
+        if (ar_alpha or tar_beta) and not nets.takes_outputs(net):
+            raise CharlmError(f"loss.ar_alpha and loss.tar_beta need a network whose forward takes outputs=True "
+                              f"(docs/networks.md); {type(net).__name__}'s does not: set both to 0")
+        self.net_config = net_config or {"_target_": nets.target_of(type(net))}
+        self.save_hyperparameters({"net": self.net_config, "vocab": list(vocab),
+                                   "symbols": self.kind.name, "sum_over_time": sum_over_time,
+                                   "ar_alpha": ar_alpha, "tar_beta": tar_beta, "seq_len": seq_len}, logger=False)
+        self.vocab, self.net, self.headline = list(vocab), net, self.kind.headline
+        self.optimizer = optimizer or (lambda params: torch.optim.SGD(params, lr=1.0))
+        self.scheduler = scheduler
         self.window_len: int | None = None  # the last training window's length
         # ModuleDict keys may not shadow Module attributes such as .train, hence the suffix; no NaN
         # check inside the metric (a host sync every step): divergence is caught in training_step.
         self.nll = torch.nn.ModuleDict({f"{s}_nll": TokenNLL() for s in ("train", "valid", "test")})
-        self.train_state: State | None = None
-        self.eval_state: State | None = None
+        self.train_state: Any = None
+        self.eval_state: Any = None
         self.best_valid = math.inf  # of the headline figure
         self.results: dict[str, dict[str, float]] = {}  # the last full-precision metrics of each split
 
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         return self.net(x, state)
 
-    def _nll(self, batch: tuple[torch.Tensor, torch.Tensor], state: State | None,
-             penalty: bool = False) -> tuple[torch.Tensor, State] | tuple[torch.Tensor, State, torch.Tensor]:
+    def _nll(self, batch: tuple[torch.Tensor, torch.Tensor], state: Any,
+             penalty: bool = False) -> tuple[torch.Tensor, Any] | tuple[torch.Tensor, Any, torch.Tensor]:
         """Mean NLL of a window and the state after it; with `penalty`, also AR + TAR of its last layer."""
         x, y = batch
-        alpha, beta = self.hparams.get("ar_alpha", 0.0), self.hparams.get("tar_beta", 0.0)
-        logits, state, (raw, dropped) = self.net(x, state, outputs=True)
-        # the logits are a (batch, time) view of time-major memory: read in place, time-major, as are the targets
+        alpha, beta = self.hparams.ar_alpha, self.hparams.tar_beta
+        if penalty and (alpha or beta):
+            logits, state, (raw, dropped) = self.net(x, state, outputs=True)
+        else:
+            logits, state = self.net(x, state)
+        # (batch, time) logits, read time-major (for a time-major network, in place), as are the targets
         nll = F.cross_entropy(logits.transpose(0, 1).flatten(0, 1).float(), y.t().flatten())
         if not penalty:
             return nll, state
@@ -129,13 +104,12 @@ class LanguageModel(L.LightningModule):
             raise CharlmError(f"training diverged: the loss is {value} at step {self.global_step} "
                               f"(epoch {self.current_epoch + 1}); lower optimizer.lr or the clipping threshold "
                               f"and start again (best.ckpt holds the best weights so far)")
-        self.train_state = detach(state)
+        self.train_state = nets.detach(state)
         self.window_len = batch[1].size(1)
         self.nll["train_nll"].update(loss.detach(), batch[1].numel())
         if self._logging_step():
             self.log("train/loss", loss, prog_bar=True)
-            self.log_dict({f"train/step_{k}": v for k, v in metrics.per_step(loss.detach(), self.level).items()},
-                          prog_bar=True)
+            self.log(f"train/step_{self.headline}", self.kind.step_figure(loss.detach()), prog_bar=True)
         if self.hparams.sum_over_time:
             return loss * batch[1].size(1) + extra
         return loss + extra
@@ -219,7 +193,7 @@ class LanguageModel(L.LightningModule):
 
     def _log_split(self, split: str, reset: bool = True) -> dict[str, float]:
         """Token-weighted NLL over the whole split (not a mean of batch means), and what derives from it."""
-        values = metrics.from_nll(float(self.nll[f"{split}_nll"].compute()), self.level)
+        values = self.kind.figures(float(self.nll[f"{split}_nll"].compute()))
         if reset:
             self.nll[f"{split}_nll"].reset()
         self.results[split] = values
@@ -228,26 +202,35 @@ class LanguageModel(L.LightningModule):
 
     # --- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        cfg = dict(self.hparams.optimizer)
-        named = cfg.pop("named_parameters", False)  # an optimiser that treats layers apart (charlm.optim.MuonAdamW)
-        opt = hydra.utils.instantiate(cfg, params=self.named_parameters() if named else self.parameters())
-        if not self.hparams.scheduler:
+        opt = self.optimizer(self.named_parameters())  # names: an optimiser may treat layers apart (MuonAdamW)
+        if self.scheduler is None:
             return opt
-        cfg = copy.deepcopy(dict(self.hparams.scheduler))
-        interval = cfg.pop("interval", "epoch")
-        for node in (cfg, cfg.get("lr_lambda")):  # OneCycleLR or charlm's OneCycle over exactly this run's steps
-            if isinstance(node, dict) and node.get("total_steps") == "auto":
-                node["total_steps"] = int(self.trainer.estimated_stepping_batches)
-        sched = hydra.utils.instantiate(cfg, optimizer=opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
+        return {"optimizer": opt, "lr_scheduler": self.scheduler(opt, total_steps=self.total_steps())}
+
+    def total_steps(self) -> int:
+        """The optimiser steps the run takes (max_epochs x the training batches an epoch, as limited).
+
+        Why not trainer.estimated_stepping_batches: asked in configure_optimizers, it sets the training
+        loader up before a checkpoint's loader position is restored, so a run resumed mid-epoch would start
+        its epoch over. The data module's own loader says how many windows an epoch has."""
+        trainer = self.trainer
+        if trainer.datamodule is None:
+            return int(trainer.estimated_stepping_batches)
+        batches = len(trainer.datamodule.train_dataloader())
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs or 1, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps not in (None, -1) else steps
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Besides what Lightning saves (weights, optimiser, scheduler, loop and data position), keep what
         continuing exactly needs: the carried hidden state, the epoch's running NLL and the RNG states."""
         train_nll = self.nll["train_nll"]
         checkpoint["charlm"] = {
+            "format": FORMAT,
+            "net": self.net_config,
             "vocab": self.vocab,
-            "level": self.level,
+            "symbols": self.kind.name,
             f"best_valid_{self.headline}": self.best_valid,
             "train_state": self.train_state,
             "train_nll": (train_nll.total.clone(), train_nll.count.clone()),
@@ -260,8 +243,9 @@ class LanguageModel(L.LightningModule):
         self.best_valid = saved.get(f"best_valid_{self.headline}", math.inf)
         if "train_state" in saved:
             self.train_state = saved["train_state"]
-            if isinstance(self.train_state, tuple) and isinstance(self.train_state[0], torch.Tensor):
-                self.train_state = tuple(tuple(t.split(1)) for t in self.train_state)  # (layers, batch, H) before
+            legacy = "format" not in saved and isinstance(self.train_state, tuple)
+            if legacy and isinstance(self.train_state[0], torch.Tensor):  # the LSTM's (layers, batch, H) once
+                self.train_state = tuple(tuple(t.split(1)) for t in self.train_state)
             self.nll["train_nll"].total, self.nll["train_nll"].count = saved["train_nll"]
         if "rng" in saved:
             torch.set_rng_state(saved["rng"]["torch"])

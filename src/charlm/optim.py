@@ -7,29 +7,29 @@ from collections.abc import Iterable
 
 import torch
 
-from charlm.devices import cpu_has_bf16
+from charlm.precision import cpu_has_bf16
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """torch.optim.Muon on the 2-D matrices of the layers named in `muon_layers` (the LSTM's input and
-    recurrent weights), torch.optim.AdamW on every other parameter (embedding, decoder, biases), as Muon's
-    authors use it. Muon scales its orthogonalised update to AdamW's size (`match_rms_adamw`), so one `lr`
+    """torch.optim.Muon on the 2-D matrices of the hidden layers (the recurrent layers' input and recurrent
+    weights), torch.optim.AdamW on every other parameter (the layers named in `adamw_layers`: embedding and
+    decoder; biases), as Muon's authors use it. Muon scales its orthogonalised update to AdamW's size (`match_rms_adamw`), so one `lr`
     and one schedule serve both: the two optimisers' parameter groups are this optimiser's groups.
 
-    `params` are (name, parameter) pairs: `self.named_parameters()`.
+    `params` are (name, parameter) pairs: `module.named_parameters()`, as charlm's LightningModule passes.
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], lr: float = 2e-3, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.99), momentum: float = 0.95,
-                 muon_layers: tuple[str, ...] = ("lstm",)):
+                 adamw_layers: tuple[str, ...] = ("embed", "decoder")):
         named = list(params)
         if not all(isinstance(item, tuple) and len(item) == 2 for item in named):
             raise TypeError("MuonAdamW takes (name, parameter) pairs: pass model.named_parameters()")
-        is_matrix = [p.ndim == 2 and any(layer in name.split(".") for layer in muon_layers) for name, p in named]
+        is_matrix = [p.ndim == 2 and not any(layer in name.split(".") for layer in adamw_layers) for name, p in named]
         matrices = [p for (_, p), m in zip(named, is_matrix) if m]
         others = [p for (_, p), m in zip(named, is_matrix) if not m]
         if not matrices:
-            raise ValueError(f"MuonAdamW found no 2-D parameter in a layer named {list(muon_layers)}")
+            raise ValueError(f"MuonAdamW found no 2-D parameter outside the layers {list(adamw_layers)}")
         on_cpu_without_bf16 = matrices[0].device.type == "cpu" and not cpu_has_bf16()
         muon = Float32Muon if on_cpu_without_bf16 else torch.optim.Muon
         self.parts = [muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,

@@ -24,10 +24,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import devices, metrics, sweep
+from charlm import devices, sweep
 from charlm.errors import CharlmError, exit_on_error
 from charlm.files import atomic_write, write_json
 from charlm.sweep import PRUNED, SEARCH
+from charlm.symbols import kind as symbol_kind
 
 log = logging.getLogger(__name__)
 NAMES = {"bpc": "bpc", "ppl": "perplexity"}  # a headline figure as the report's headings spell it
@@ -52,17 +53,9 @@ def _diverged(best, headline: str, vocab_path: Path) -> str | None:
     return None
 
 
-def _level(metrics_json: dict, cfg: DictConfig) -> str:
-    """The job's data level: as its metrics.json says, else as its config does (data=text has no level)."""
-    if metrics_json.get("level"):
-        return metrics_json["level"]
-    target = OmegaConf.select(cfg, "data._target_", default="") or ""
-    return "text" if target.endswith("TextDataModule") else OmegaConf.select(cfg, "data.level", default="char")
-
-
 def load_job(job_dir: Path) -> dict:
     """One job's row, plus its composed config and per-epoch history for the plots. The row holds the
-    job's headline figure (metrics.HEADLINE: bpc for characters and text, perplexity for words)."""
+    job's headline figure (its kind of symbol's: bpc for characters and text, perplexity for words)."""
     hydra_dir = job_dir / ".hydra"
     cfg = OmegaConf.load(hydra_dir / "config.yaml")
     num = OmegaConf.select(OmegaConf.load(hydra_dir / "hydra.yaml"), "hydra.job.num", default=None)
@@ -74,8 +67,8 @@ def load_job(job_dir: Path) -> dict:
         m = {"status": "running"} if sweep.is_running(job_dir) else interrupted
     if m.get("status") == "completed" and (job_dir / PRUNED).is_file():
         m = {**m, "status": "pruned", "reason": "pruned: its valid curve was behind the study's median"}
-    level = _level(m, cfg)
-    headline = metrics.HEADLINE[level]
+    level = m.get("level")  # the run writes it; a job that has not ended has no figure to headline
+    headline = symbol_kind(level).headline if level else None
     if m.get("status") == "completed":
         diverged = _diverged(m.get(f"best_valid_{headline}"), headline, job_dir / "vocab.json")
         if diverged:
@@ -83,9 +76,9 @@ def load_job(job_dir: Path) -> dict:
     held = job_dir / "device.json"  # written by a job of hydra/launcher=parallel
     device = json.loads(held.read_text()).get("device") if held.is_file() else None
     test = m.get("test") or {}
+    figures = {f"best_valid_{headline}": m.get(f"best_valid_{headline}"), f"test_{headline}": test.get(headline)}
     row = {"job": num, "overrides": " ".join(overrides), "status": m.get("status"), "level": level,
-           f"best_valid_{headline}": m.get(f"best_valid_{headline}"), f"test_{headline}": test.get(headline),
-           "test_ppl56": test.get("ppl56"), "epochs": m.get("epochs"), "wall_time_s": m.get("wall_time_s"),
+           **(figures if headline else {}), "test_ppl56": test.get("ppl56"), "epochs": m.get("epochs"), "wall_time_s": m.get("wall_time_s"),
            "device": device, "reason": m.get("reason"), "dir": str(job_dir)}
     return {"row": row, "overrides": overrides, "cfg": cfg, "history": m.get("history") or [], "headline": headline}
 
@@ -180,7 +173,7 @@ def write_markdown(jobs: list[dict], common: set[str], plots: list[str], path: P
                   f"    {best['command']}"]
     figures = headlines(jobs)
     if len(figures) > 1:
-        levels = ", ".join(sorted({j["row"]["level"] for j in jobs}))
+        levels = ", ".join(sorted({j["row"]["level"] for j in jobs if j["row"]["level"]}))
         lines += ["", f"This sweep mixes data levels ({levels}): bits per character and word perplexity are not "
                       f"comparable, so each job shows its own level's figure and no plot compares them."]
     char = any(j["row"]["level"] == "char" for j in jobs)
@@ -211,7 +204,7 @@ def plot_final(jobs: list[dict], path: Path, x: str, group: str) -> bool:
     lines: dict = {}
     for j in jobs:
         xv, gv = OmegaConf.select(j["cfg"], x, default=None), OmegaConf.select(j["cfg"], group, default=None)
-        y = j["row"][f"best_valid_{headline}"]
+        y = j["row"].get(f"best_valid_{headline}")
         if j["row"]["status"] == "completed" and _finite(xv) and _finite(y):
             lines.setdefault(gv, []).append((xv, y))
     if not lines:

@@ -19,7 +19,6 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import metrics
 from charlm.errors import CharlmError
 from charlm.files import write_json
 from charlm.sweep import PRUNED, SEARCH, pid_alive
@@ -224,7 +223,7 @@ class PruneTrial(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if self.trial is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        key = f"valid/{metrics.HEADLINE[pl_module.hparams.get('level', 'char')]}"
+        key = f"valid/{pl_module.kind.headline}"
         if key not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[key])

@@ -16,24 +16,27 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from charlm import checkpoint, config, devices, metrics, sweep
+from charlm import checkpoint, config, devices, precision, sweep
 from charlm.callbacks import History, SaveOnInterrupt
 from charlm.errors import CharlmError, exit_on_error
 from charlm.files import write_json
+from charlm.module import LanguageModel
 from charlm.ptb import SPLITS
+from charlm.symbols import kind
 
 log = logging.getLogger(__name__)
 # Config keys that say where and how a run is carried out, not what it is: left out of TensorBoard's HPARAMS.
 PLUMBING = {"_target_", "data_dir", "path", "download", "url", "verify", "cache", "default_root_dir", "accelerator",
             "devices", "num_nodes", "strategy", "enable_progress_bar", "enable_model_summary", "enable_checkpointing",
             "log_every_n_steps", "profiler", "num_sanity_val_steps", "use_distributed_sampler", "barebones",
-            "named_parameters", "interval"}
+            "_partial_"}
 
 
 @rank_zero_only  # under DDP every rank holds the same synced metrics; one writes them
@@ -78,7 +81,7 @@ def experiment_hparams(cfg: DictConfig) -> dict:
             else:
                 hparams[f"{prefix}/{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
 
-    for group in ("data", "model", "optimizer", "scheduler", "trainer"):
+    for group in ("data", "model", "loss", "optimizer", "scheduler", "trainer"):
         if group not in cfg:
             continue
         node = OmegaConf.to_container(cfg[group], resolve=True) if cfg[group] is not None else None
@@ -117,37 +120,56 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+def instantiate(node: DictConfig, key: str, **kwargs):
+    """hydra.utils.instantiate, with a failure of the object's own constructor (a value it refuses) as one line
+    naming the config key, instead of Hydra's block of "Error in call to target ..." and "full_key"."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        if isinstance(cause, CharlmError):
+            raise cause from None
+        text = " ".join(str(cause).split()) or type(cause).__name__
+        raise CharlmError(f"{key}: {text.rstrip('.!')}; change the {key}.* value it names") from None
+
+
 def build(cfg: DictConfig, extra_callbacks: list = ()) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """The seeded data, model and trainer of one run as `cfg` says (bench/throughput.py times the same).
     Everything the data and a checkpoint to resume from can tell is checked before the model is built."""
     configure_torch(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, "data")
     datamodule.prepare_data()
     datamodule.setup("fit")
     if cfg.get("ckpt_path"):
         ckpt = checkpoint.read(cfg.ckpt_path)
         checkpoint.check_vocab(ckpt, datamodule.vocab.symbols, cfg.ckpt_path)
         checkpoint.check_unfinished(ckpt, cfg.trainer.max_epochs, cfg.ckpt_path)
-    model = hydra.utils.instantiate(cfg.model, vocab=datamodule.vocab.symbols, optimizer=cfg.optimizer,
-                                    scheduler=cfg.get("scheduler"), level=datamodule.level, _recursive_=False,
-                                    seq_len=datamodule.seq_len if datamodule.variable_length else None)
+    vocab = datamodule.vocab.symbols
+    scheduler = cfg.get("scheduler")
+    model = LanguageModel(instantiate(cfg.model, "model", vocab_size=len(vocab)), vocab, datamodule.kind,
+                          optimizer=instantiate(cfg.optimizer, "optimizer"),
+                          scheduler=instantiate(scheduler, "scheduler") if scheduler else None,
+                          seq_len=datamodule.seq_len if datamodule.variable_length else None,
+                          net_config=OmegaConf.to_container(cfg.model, resolve=True), **cfg.get("loss", {}))
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c, "logger") for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c, "callbacks") for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning's switch takes the configured bar with it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not loggers:  # logger=none: nothing to show a learning rate in
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks += [*extra_callbacks, SaveOnInterrupt(str(ckpt_dir / "last.ckpt"), _resume_hint())]
     every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps")
     if every:  # a rolling step checkpoint (and last.ckpt) every N steps, for pre-emptible machines
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", every_n_train_steps=every,
                                          save_last=True, save_top_k=1, enable_version_counter=False))
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    devices.fit_precision(cfg)
     plugins = [checkpoint.AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # submitit requeues pre-empted jobs (hydra/launcher=slurm): Lightning must not too
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                 plugins=plugins)
+    trainer: L.Trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
+                                     plugins=plugins, precision=precision.usable(cfg.trainer.precision,
+                                                                                 cfg.trainer.accelerator))
     return datamodule, model, trainer
 
 
@@ -166,8 +188,8 @@ def fit(cfg: DictConfig) -> dict:
     training = False
     try:
         datamodule, model, trainer = build(cfg, extra_callbacks=[history])
-        result["level"] = datamodule.level
-        headline = metrics.HEADLINE[datamodule.level]  # bpc for characters, ppl for words
+        result["level"] = datamodule.kind.name
+        headline = datamodule.kind.headline  # bpc for characters, ppl for words
         training = True
         datamodule.vocab.save(run_dir / "vocab.json")
         for logger in trainer.loggers:
@@ -201,7 +223,7 @@ def fit(cfg: DictConfig) -> dict:
 
 def best_valid(result: dict) -> float | None:
     """A run's best valid headline figure (bpc, or ppl for words): what a sweep job returns to Hydra."""
-    return result.get(f"best_valid_{metrics.HEADLINE[result['level']]}")
+    return result.get(f"best_valid_{kind(result['level']).headline}")
 
 
 def main(cfg: DictConfig) -> float | None:

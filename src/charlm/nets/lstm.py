@@ -3,49 +3,18 @@ lookup table, dropout, stacked LSTM with dropout between and after, linear."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from charlm.nets.dropout import StackDropout
+
 # The carried state: every layer's h and every layer's c, each (1, batch, its width); layers may differ in width.
 State = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
 
-MASK_LEVELS = 1 << 16  # a dropout mask element is 16 random bits
 
-
-def dropout_masks(like: torch.Tensor, shapes: Sequence[Sequence[int]], ps: Sequence[float]) -> list[torch.Tensor]:
-    """Inverted-dropout masks of the given shapes and drop rates, in `like`'s dtype and device, from one draw.
-
-    Why not F.dropout: its bernoulli_ draws one random number per element, where each element here takes
-    16 bits, four elements per 64-bit draw of torch's generator, and all of a step's masks come from one
-    draw. On CPU that is 2-3x faster, and F.dropout's three calls were a tenth of a course training step
-    (`python bench/throughput.py --tricks` measures it). The masks are consecutive runs of the same bits,
-    so drawing them together gives what drawing them one by one would. p is rounded to a multiple of
-    1/65536 (0.2 -> 0.200003) and the kept values are scaled by the inverse of the rounded keep rate, so
-    the expected output is still the input.
-    """
-    sizes = [math.prod(shape) for shape in shapes]
-    n = sum(sizes)
-    # from int64's lowest value with no upper bound, random_ draws all 64 bits: four uniform int16s
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-(1 << 63), None)
-    masks = []
-    for chunk, shape, p in zip(bits.view(torch.int16)[:n].split(sizes), shapes, ps):
-        drop = round(p * MASK_LEVELS)
-        keep = chunk.view(*shape) >= drop - MASK_LEVELS // 2
-        masks.append(keep.to(like.dtype).mul_(MASK_LEVELS / (MASK_LEVELS - drop)))
-    return masks
-
-
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Inverted dropout of one tensor with a `dropout_masks` mask; the identity when off."""
-    return x * dropout_masks(x, [x.shape], [p])[0] if training and p > 0 else x
-
-
-class LSTMLM(nn.Module):
+class LSTMLM(StackDropout, nn.Module):
     """embedding(V->E) -> dropout -> LSTM x num_layers (dropout between) -> dropout -> linear(->V) logits.
 
     The layers are one-layer nn.LSTMs, each on the fused cuDNN or oneDNN kernel, so that what happens between
@@ -68,9 +37,8 @@ class LSTMLM(nn.Module):
                  locked_dropout: bool = False, dropout_embedding: float = 0.0, weight_drop: float = 0.0,
                  embedding_size: int | None = None, tie_weights: bool = False):
         super().__init__()
-        self.p_input, self.p_hidden, self.p_output = (dropout if p is None else p
-                                                      for p in (dropout_input, dropout_hidden, dropout_output))
-        self.locked, self.p_embedding, self.p_weight = locked_dropout, dropout_embedding, weight_drop
+        self._dropout_options(dropout, dropout_input, dropout_hidden, dropout_output, locked_dropout,
+                              dropout_embedding, weight_drop)
         embedding_size = embedding_size or hidden_size
         widths = [embedding_size] + [hidden_size] * (num_layers - 1) + [embedding_size if tie_weights else hidden_size]
         self.embed = nn.Embedding(vocab_size, embedding_size)
@@ -92,10 +60,7 @@ class LSTMLM(nn.Module):
         """
         x = x.t()
         masks = self._masks(x.shape) if self.training else {}
-        weight = self.embed.weight
-        if "embedding" in masks:
-            weight = weight * masks["embedding"]
-        x = F.embedding(x, weight)
+        x = self._embedded(x, masks)
         hs, cs = [], []
         for k, layer in enumerate(self.lstm):
             if k in masks:
@@ -108,33 +73,28 @@ class LSTMLM(nn.Module):
                 x, (h, c) = layer(x, hx)
             hs.append(h)
             cs.append(c)
-        raw = x
-        if "output" in masks:
-            x = x * masks["output"].to(x.dtype)
-        logits, state = self.decoder(x).transpose(0, 1), (tuple(hs), tuple(cs))
-        return (logits, state, (raw, x)) if outputs else (logits, state)
+        return self._decoded(x, masks, (tuple(hs), tuple(cs)), outputs)
+
+    def step(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """One symbol per row, without dropout: ids (batch,) -> logits (batch, vocab) and the new state.
+
+        Why not forward on one step: nn.LSTM's call costs ~0.5 ms on CPU whatever the length; the same
+        weights through torch.lstm_cell take a third of that, which is what a symbol-by-symbol query pays."""
+        x = F.embedding(ids, self.embed.weight)
+        hs, cs = [], []
+        for k, layer in enumerate(self.lstm):
+            hx = (torch.zeros(ids.size(0), layer.hidden_size, dtype=x.dtype, device=x.device),) * 2 \
+                if state is None else (state[0][k][0], state[1][k][0])
+            h, c = torch.lstm_cell(x, hx, *layer.all_weights[0])
+            hs.append(h[None])
+            cs.append(c[None])
+            x = h
+        return self.decoder(x), (tuple(hs), tuple(cs))
 
     def _masks(self, steps_batch: torch.Size) -> dict:
-        """A training step's masks, from one draw: per layer input (k), the output's, and the embedding's and
-        weight drop's when they are on. Locked masks have one time step, broadcast over the window."""
-        steps, batch = steps_batch
-        time = 1 if self.locked else steps
-        places: dict = {}
-        if self.p_embedding > 0:
-            places["embedding"] = ((self.embed.num_embeddings, 1), self.p_embedding)
-        for k, layer in enumerate(self.lstm):
-            p = self.p_input if k == 0 else self.p_hidden
-            if p > 0:
-                places[k] = ((time, batch, layer.input_size), p)
-        if self.p_output > 0:
-            places["output"] = ((time, batch, self.lstm[-1].hidden_size), self.p_output)
-        if self.p_weight > 0:
-            for k, layer in enumerate(self.lstm):
-                places["weight", k] = (tuple(layer.weight_hh_l0.shape), self.p_weight)
-        if not places:
-            return {}
-        shapes, ps = zip(*places.values())
-        return dict(zip(places, dropout_masks(self.embed.weight, shapes, ps)))
+        """A training step's masks (StackDropout): layer inputs, output, embedding, hidden-to-hidden weights."""
+        widths = [layer.input_size for layer in self.lstm] + [self.lstm[-1].hidden_size]
+        return self._stack_masks(steps_batch, widths, [layer.weight_hh_l0 for layer in self.lstm])
 
 
 def _from_one_multilayer_lstm(module, state_dict, prefix, *args) -> None:
@@ -143,7 +103,3 @@ def _from_one_multilayer_lstm(module, state_dict, prefix, *args) -> None:
         name, layer = key[len(prefix) + 5:].rsplit("_l", 1)
         state_dict[f"{prefix}lstm.{layer}.{name}_l0"] = state_dict.pop(key)
 
-
-def detach(state: State | None) -> State | None:
-    """Keep the values of a carried state but stop gradients at the window boundary (truncated BPTT)."""
-    return None if state is None else tuple(tuple(t.detach() for t in part) for part in state)
