@@ -223,34 +223,90 @@ def test_tensorboard_serves_what_a_user_compares_runs_by(tiny_data, tmp_path):
         server.wait()
 
 
-def test_a_time_budget_sizes_the_epochs_and_the_schedule_ends_annealed(tiny_data, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def long_epoch(tmp_path_factory):
+    """Thousands of windows an epoch at batch 4: a budget of seconds ends inside the first epoch."""
+    from conftest import write_tiny_ptb
+
+    return write_tiny_ptb(tmp_path_factory.mktemp("long") / "ptb", repeat=3000)
+
+
+def windows_per_epoch(data_dir) -> int:
+    from charlm.data import PTBDataModule
+
+    data = PTBDataModule(str(data_dir), batch_size=4, download=False)
+    data.setup()
+    return len(data.train_dataloader())
+
+
+BUDGETED = ("optimizer=adamw", "optimizer.lr=0.004", "scheduler=onecycle_budget", "trainer.max_epochs=100",
+            "data.batch_size=4", "data.eval_batch_size=2", "model.hidden_size=16", "trainer.log_every_n_steps=10", *FAST)
+
+
+def annealed(run_dir) -> tuple[float, float]:
+    """The learning rate the last step trained at and the schedule's final one, from last.ckpt."""
     import torch
 
-    run_dir = tmp_path / "run"
-    metrics = train_here(run_dir, "scheduler=onecycle_budget", "optimizer=adamw",
-                         "trainer.max_epochs=1000", "trainer.max_time=00:00:00:08", "callbacks.time_budget.margin=0.3",
-                         "trainer.limit_train_batches=10", "trainer.limit_val_batches=2", "data.batch_size=4",
-                         "data.eval_batch_size=2", "model.hidden_size=16", *FAST, data_dir=tiny_data)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert "epochs fit in the time budget" in capsys.readouterr().out and 2 <= metrics["epochs"] < 1000
-    assert ckpt["callbacks"]["FitTimeBudget"]["epochs"] == metrics["epochs"]  # ended by the epochs it set
-    schedule = ckpt["lr_schedulers"][0]
-    assert schedule["lr_lambdas"][0]["total_steps"] == metrics["steps"]
-    assert schedule["_last_lr"][0] == pytest.approx(0.002 / 1000)  # annealed to its end: lr / (10 x 100)
+    factor = ckpt["lr_schedulers"][0]["lr_lambdas"][0]
+    return ckpt["optimizer_states"][0]["param_groups"][0]["lr"], 0.004 * factor["end"]
 
 
-def test_a_slower_first_epoch_fits_fewer_epochs(monkeypatch):
-    from types import SimpleNamespace
+def test_a_time_budget_ends_annealed_and_validated_inside_the_first_epoch(long_epoch, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from charlm.callbacks import FitTimeBudget
+    run_dir = tmp_path / "run"
+    metrics = train_here(run_dir, *BUDGETED, "trainer.max_time=00:00:00:10", data_dir=long_epoch)
+    assert metrics["status"] == "completed" and metrics["wall_time_s"] <= 10 * 1.05
+    assert metrics["steps"] < windows_per_epoch(long_epoch)  # inside the first epoch
+    assert [row["step"] for row in metrics["history"]] == [metrics["steps"]]  # validated at its end
+    lr, end = annealed(run_dir)
+    assert lr == pytest.approx(end)  # the schedule ran to its end
+    events = EventAccumulator(str(next((run_dir / "tensorboard").rglob("events.*")).parent))
+    events.Reload()
+    lrs = events.Scalars("lr-AdamW")
+    assert len(lrs) >= 5 and lrs[0].value < max(x.value for x in lrs) > lrs[-1].value  # step-wise, one cycle
 
-    fitted = []
-    for epoch_seconds in (60, 120):
-        budget, clock = FitTimeBudget("00:01:00:00", margin=0.0), iter([0.0, float(epoch_seconds)])
-        monkeypatch.setattr("charlm.callbacks.time.monotonic", lambda clock=clock: next(clock))
-        trainer = SimpleNamespace(max_epochs=100, current_epoch=0, lr_scheduler_configs=[], num_training_batches=10,
-                                  fit_loop=SimpleNamespace(max_epochs=100))  # the first epoch ends
-        budget.on_train_start(trainer, None)
-        budget.on_train_epoch_end(trainer, None)
-        fitted.append(trainer.fit_loop.max_epochs)
-    assert fitted == [60, 30]
+
+def test_a_killed_budgeted_run_resumes_with_the_budget_it_has_left(long_epoch, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from conftest import ROOT
+
+    run_dir = tmp_path / "run"
+    command = [f"hydra.run.dir={run_dir}", *BUDGETED, "trainer.max_time=00:00:00:16", "checkpoint.every_n_train_steps=200"]
+    env = dict(__import__("os").environ, CHARLM_DATA_DIR=str(long_epoch), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *command], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    spent = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["TimeBudget"]["spent"]
+    assert 0 < spent < 16
+
+    resumed = run_train(*command, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", data_dir=long_epoch)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["wall_time_s"] <= (16 - spent) * 1.1 + 1  # the budget it had left, not a new one
+    assert metrics["history"][-1]["step"] == metrics["steps"] > 200
+    lr, end = annealed(run_dir)
+    assert lr == pytest.approx(end)
+
+
+@pytest.mark.slow  # 150 s: the budget a user tries first
+def test_a_150_s_budget_on_the_course_network_ends_annealed_within_it(real_data, tmp_path):
+    run_dir = tmp_path / "run"
+    metrics = train_here(run_dir, "optimizer=adamw", "optimizer.lr=0.004", "scheduler=onecycle_budget",
+                         "trainer.max_time=00:00:02:30", "trainer.max_epochs=100", *FAST, data_dir=real_data)
+    assert 150 * 0.97 <= metrics["wall_time_s"] <= 150 * 1.03
+    assert metrics["history"][-1]["step"] == metrics["steps"]
+    lr, end = annealed(run_dir)
+    assert lr == pytest.approx(end)

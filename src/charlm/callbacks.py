@@ -1,5 +1,5 @@
 """Small Lightning callbacks: training throughput, the per-epoch history that metrics.json keeps, the
-per-epoch text sample in TensorBoard, interrupts, and fitting a run to its time budget."""
+per-epoch text sample in TensorBoard, and interrupts. (A run's time budget: charlm.budget.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from charlm.api import Model
-from charlm.schedules import OneCycle
 
 
 class Throughput(L.Callback):
@@ -118,54 +117,3 @@ class SampleText(L.Callback):
         markdown = "\n".join("    " + line for line in text.split("\n"))  # a code block keeps the text as is
         for logger in loggers:
             logger.experiment.add_text("valid/sample", markdown, trainer.global_step)
-
-
-def seconds(duration: str) -> float:
-    """Lightning's max_time text, "DD:HH:MM:SS", in seconds."""
-    days, hours, minutes, secs = (float(part) for part in duration.split(":"))
-    return ((days * 24 + hours) * 60 + minutes) * 60 + secs
-
-
-class FitTimeBudget(L.Callback):
-    """A run with a time budget (`max_time`, as trainer.max_time) trains as many epochs as fit in it, its
-    schedule annealed within them: after each epoch (its validation included) it sets max_epochs to the
-    epochs done plus those that fit in the time left, less `margin`, at the mean epoch time so far, and
-    shortens every charlm.schedules.OneCycle schedule to them. It only ever shortens the run.
-
-    Why: trainer.max_time alone stops a run wherever the clock runs out, on a slow or busy machine with its
-    learning rate still high. The decision is kept in checkpoints, so a resumed run keeps it.
-    """
-
-    def __init__(self, max_time: str | None = None, margin: float = 0.05) -> None:
-        self.budget = seconds(max_time) if max_time else None
-        self.margin, self.epochs, self.start, self.spent = margin, None, None, 0.0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start = time.monotonic()
-        if self.epochs is not None:  # resumed: as decided before
-            self._apply(trainer)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.budget is None:
-            return
-        now = time.monotonic()
-        self.spent, self.start = self.spent + now - self.start, now
-        done = trainer.current_epoch + 1
-        fit = done + int((self.budget * (1 - self.margin) - self.spent) / (self.spent / done))
-        if fit < (self.epochs or trainer.max_epochs):
-            self.epochs = max(done, fit)
-            self._apply(trainer)
-            print(f"{self.spent / done:.1f} s an epoch: {self.epochs} epochs fit in the time budget", flush=True)
-
-    def _apply(self, trainer) -> None:
-        trainer.fit_loop.max_epochs = self.epochs
-        for config in trainer.lr_scheduler_configs:
-            for factor in getattr(config.scheduler, "lr_lambdas", []):
-                if isinstance(factor, OneCycle):
-                    factor.total_steps = self.epochs * trainer.num_training_batches
-
-    def state_dict(self) -> dict:
-        return {"epochs": self.epochs, "spent": self.spent}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.epochs, self.spent = state_dict.get("epochs"), state_dict.get("spent", 0.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, MultiStepLR, OneCycleLR
+from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 
 
 class ZarembaDecay:
@@ -24,9 +24,9 @@ class ZarembaDecay:
 class OneCycle:
     """OneCycleLR's shape as a LambdaLR factor whose length can change while the run goes: a linear warm-up
     from 1/div_factor to 1 over the first pct_start of total_steps, then a linear or cosine anneal to
-    1/(div_factor * final_div_factor) at the last step. torch's OneCycleLR fixes its length when it is made;
-    this one's `total_steps` is set anew by charlm.callbacks.FitTimeBudget as the run learns how many steps
-    fit in its time budget. LambdaLR saves the factor's attributes with its state, so a resumed run keeps them."""
+    1/(div_factor * final_div_factor) at the last step, and there after. torch's OneCycleLR fixes its length
+    when it is made; this one's `total_steps` is set anew (set_length) as a run with a time budget learns how
+    many steps fit in it. LambdaLR saves the factor's attributes with its state, so a resumed run keeps them."""
 
     def __init__(self, total_steps: int, pct_start: float = 0.1, div_factor: float = 10,
                  final_div_factor: float = 100, anneal_strategy: str = "linear"):
@@ -37,7 +37,7 @@ class OneCycle:
         """The factor at `step`, phase by phase as torch's OneCycleLR (three_phase off) computes it."""
         warm_end = self.pct_start * self.total_steps - 1
         if step <= warm_end:
-            t, a, b = step / warm_end, self.start, 1.0
+            t, a, b = step / warm_end if warm_end > 0 else 1.0, self.start, 1.0
         else:
             t, a, b = (step - warm_end) / (self.total_steps - 1 - warm_end), 1.0, self.end
         t = min(t, 1.0)
@@ -58,16 +58,15 @@ def multistep(optimizer: Optimizer, total_steps: int, milestones: list[int], gam
 
 def one_cycle(optimizer: Optimizer, total_steps: int, pct_start: float = 0.1, div_factor: float = 10,
               final_div_factor: float = 100, anneal_strategy: str = "cos") -> dict:
-    """torch's OneCycleLR over exactly the run's steps, peaking at the optimiser's lr, stepped every step."""
-    peak = [group["lr"] for group in optimizer.param_groups]
-    return {"scheduler": OneCycleLR(optimizer, peak, total_steps=total_steps, pct_start=pct_start,
-                                    div_factor=div_factor, final_div_factor=final_div_factor,
-                                    anneal_strategy=anneal_strategy, cycle_momentum=False),
-            "interval": "step"}
-
-
-def one_cycle_budget(optimizer: Optimizer, total_steps: int, pct_start: float = 0.1, div_factor: float = 10,
-                     final_div_factor: float = 100, anneal_strategy: str = "linear") -> dict:
-    """One cycle (OneCycle) whose length a time budget may change as the run goes, stepped every step."""
+    """One cycle (OneCycleLR's shape, peaking at the optimiser's lr) over the run's steps, stepped every step;
+    a time budget may change its length as the run goes."""
     factor = OneCycle(total_steps, pct_start, div_factor, final_div_factor, anneal_strategy)
     return {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}
+
+
+def set_length(scheduler, total_steps: int) -> bool:
+    """Lay `scheduler` over `total_steps` optimiser steps if its length can change (one_cycle's); whether it could."""
+    factors = [f for f in getattr(scheduler, "lr_lambdas", []) if isinstance(f, OneCycle)]
+    for factor in factors:
+        factor.total_steps = total_steps
+    return bool(factors)
