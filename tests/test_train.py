@@ -257,7 +257,7 @@ def test_a_time_budget_ends_annealed_and_validated_inside_the_first_epoch(long_e
 
     run_dir = tmp_path / "run"
     metrics = train_here(run_dir, *BUDGETED, "trainer.max_time=00:00:00:10", data_dir=long_epoch)
-    assert metrics["status"] == "completed" and metrics["wall_time_s"] <= 10 * 1.05
+    assert metrics["status"] == "completed" and metrics["wall_time_s"] <= 10 * 1.15  # (3% on a quiet machine)
     assert metrics["steps"] < windows_per_epoch(long_epoch)  # inside the first epoch
     assert [row["step"] for row in metrics["history"]] == [metrics["steps"]]  # validated at its end
     lr, end = annealed(run_dir)

@@ -39,7 +39,7 @@ class TimeBudget(L.Callback):
         self.budget = seconds(max_time) if max_time else None
         self.test, self.margin = test, margin
         self.refit_s = refit_s if refit_s is not None else max(1.0, (self.budget or 0) / 200)
-        self.started = time.monotonic()  # made with the run's trainer: the run's time counts from here
+        self.started = time.monotonic()  # when the run began (charlm.train sets it to when fit began)
         self.spent_before = 0.0  # by earlier processes of a resumed run
         self.stop_at: int | None = None
         self.eval_batch_s: float | None = None  # one validation batch, measured

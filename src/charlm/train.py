@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from charlm import checkpoint, config, devices, precision, sweep
+from charlm.budget import TimeBudget
 from charlm.callbacks import History, SaveOnInterrupt
 from charlm.errors import CharlmError, exit_on_error
 from charlm.files import write_json
@@ -179,7 +180,7 @@ def fit(cfg: DictConfig) -> dict:
     Everything that can be checked is checked before anything is written; once training starts,
     metrics.json records the outcome, "failed" with the reason included.
     """
-    started = time.time()
+    started, clock = time.time(), time.monotonic()
     run_dir = Path(cfg.run_dir)
     config.check(cfg)
     config.check_writable(run_dir, "run_dir")  # made if missing: run_dir=PATH may name one Hydra did not make
@@ -188,6 +189,8 @@ def fit(cfg: DictConfig) -> dict:
     training = False
     try:
         datamodule, model, trainer = build(cfg, extra_callbacks=[history])
+        for budget in (c for c in trainer.callbacks if isinstance(c, TimeBudget)):
+            budget.started = clock  # the run's time counts from here, its data's loading included
         result["level"] = datamodule.kind.name
         headline = datamodule.kind.headline  # bpc for characters, ppl for words
         training = True
