@@ -12,14 +12,26 @@ with its best settings (BEST, or --best). With --module-loop, "module loop" is t
 LightningModule, optimiser and clipping stepped by a loop like the plain one: the project without the
 Trainer. With --barebones, "barebones" is the same module in Lightning's `Trainer(barebones=True)`, which
 switches off everything that costs (logging, checkpoints, progress bar, profiler): the Trainer's own
-floor. With --tricks, "without T" is the project with its speed trick T switched off, one variant per trick
-(TRICKS), and the table at the end gives each trick's gain, project / without T. Every run is a fresh
-Python process, as a user's would be, timed after its warm-up steps; the
+floor. Every run is a fresh Python process, as a user's would be, timed after its warm-up steps; the
 variants alternate, several rounds, and each ratio is the median over rounds of variant / plain measured
 in the same round. Characters per second count predicted symbols. The last line is
 `course_ratio=R1 best_ratio=R2`: the project against
 the plain loop at the course's configuration, and the best settings against the plain loop at 2x512
 (BEST_AT; bf16 pays off on matrices larger than the course's; every configuration's is on the line before).
+
+With --tricks, the table at the end gives what each of the project's speed tricks (TRICKS) buys, as project /
+project without it, in characters per second, the median over rounds; nothing of the project is patched:
+- keep_freed_memory is a config value: "without keep_freed_memory" is the project with
+  `cpu.keep_freed_memory=false`, and the gain is project / that variant, measured in the same round.
+- The others are not options, so one more run of the project per round, "trick costs" (TrickCosts), times on
+  each of its steps the project's code against what it stands in for, on what that step hands it:
+  `charlm.nets.dropout.dropout_masks` against F.dropout's masks (bernoulli_ per element, then scaled) of the
+  step's shapes and rates; `charlm.optim.clip_grad_norm` against `torch.nn.utils.clip_grad_norm_` on the
+  step's gradients (put back after each); and, on a step that is not a logging step, the `self.log`
+  calls a logging step makes (STEP_LOGS), which without the trick every step would make (only the calls:
+  trainer.log_every_n_steps=1 would also write every step to the loggers). With d a trick's
+  extra seconds per character (without - project, over the timed steps), the step without it takes
+  1/cps + d per character, so its gain is 1 + d * cps, cps the project's characters per second that round.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from charlm.nets.dropout import dropout_masks
 from charlm.optim import clip_grad_norm
 from charlm.train import build
 
@@ -71,29 +84,6 @@ EXTRA_VARIANTS = {"module loop": "the project's model code without the Trainer",
                   "barebones": "the project's module in Trainer(barebones=True)"}
 
 
-def torch_dropout_masks(like, shapes, ps):
-    """F.dropout's masks (bernoulli_, one draw per element, then scaled), for charlm.model.dropout_masks."""
-    return [torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
-            for shape, p in zip(shapes, ps)]
-
-
-def without(trick: str) -> list[str]:
-    """Switch one of the project's speed tricks off in this process (a fresh one per run); its overrides."""
-    import charlm.model
-
-    import charlm.module
-
-    if trick == "16-bit dropout masks":
-        charlm.model.dropout_masks = torch_dropout_masks
-    elif trick == "CPU clipping":
-        charlm.module.clip_grad_norm = torch.nn.utils.clip_grad_norm_
-    elif trick == "self.log on logging steps only":
-        charlm.module.LanguageModel._logging_step = lambda self: True
-    return ["cpu.keep_freed_memory=false"] if trick == "keep_freed_memory" else []
-
-
-# --tricks: the project with one speed trick off each; a trick's gain is project / that variant, same round
-TRICKS = ("16-bit dropout masks", "CPU clipping", "keep_freed_memory", "self.log on logging steps only")
 clock = time.perf_counter  # --cpu-time: time.process_time, steadier than wall time on a busy machine
 
 
@@ -123,13 +113,14 @@ class StepClock(L.Callback):
             self.chars, self.end = self.chars + batch[1].numel(), clock()
 
 
-def fit_project(overrides: list[str], steps: int, warmup: int, device: str, run_dir: str) -> tuple[StepClock, L.Trainer]:
-    """`python train.py overrides` for `warmup` + `steps` steps, the steps after `warmup` timed."""
+def fit_project(overrides: list[str], steps: int, warmup: int, device: str, run_dir: str,
+                callbacks: tuple[L.Callback, ...] = ()) -> tuple[StepClock, L.Trainer]:
+    """`python train.py overrides` for `warmup` + `steps` steps, the steps after `warmup` timed; `callbacks` added."""
     accelerator = "gpu" if device == "cuda" else "cpu"
     cfg = compose_config([*overrides, *BENCH, f"trainer.accelerator={accelerator}",
                           f"trainer.limit_train_batches={warmup + steps}"], run_dir)
     timer = StepClock(warmup, device)
-    datamodule, model, trainer = build(cfg, extra_callbacks=[timer])
+    datamodule, model, trainer = build(cfg, extra_callbacks=[timer, *callbacks])
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         trainer.fit(model, datamodule=datamodule)
     return timer, trainer
@@ -156,6 +147,120 @@ def checkpoint_cost(name: str, overrides: list[str], steps: int, warmup: int, de
     every = compose_config([], "unused").sweep.every_n_train_steps
     return {"name": name, "step_ms": 1e3 * step_s, "save_ms": 1e3 * save_s, "every": every,
             "percent": 100 * save_s / (every * step_s), "save_ms_range": [1e3 * min(times), 1e3 * max(times)]}
+
+
+# --- what each speed trick buys (--tricks) -----------------------------------------------------------
+TRICKS = ("16-bit dropout masks", "CPU clipping", "keep_freed_memory", "self.log on logging steps only")
+SWITCHED_OFF = {"keep_freed_memory": ["cpu.keep_freed_memory=false"]}  # the tricks that are config values
+COSTS = "trick costs"  # the run that times the other tricks in the project's steps
+# The self.log calls of a logging step, (name, on the progress bar): training_step's loss and step figure,
+# configure_gradient_clipping's norm (when clipping by norm); under names of their own, apart from the project's.
+STEP_LOGS = (("tricks/loss", True), ("tricks/step_figure", True), ("tricks/grad_norm", False))
+# LSTMLM's dropout options besides model.dropout, as the benchmark's configurations leave them
+OTHER_DROPOUT = {"dropout_input": None, "dropout_hidden": None, "dropout_output": None, "locked_dropout": False,
+                 "dropout_embedding": 0.0, "weight_drop": 0.0, "embedding_size": None, "tie_weights": False}
+
+
+def step_masks(model_cfg, batch: int, steps: int) -> tuple[list[tuple[int, int, int]], list[float]]:
+    """The shapes and drop rates of the dropout masks a training step of `model_cfg`'s LSTMLM draws on a window of
+    `batch` streams x `steps` symbols: (steps, batch, hidden_size) at model.dropout at the first layer's input,
+    between the layers and at the output (LSTMLM's docstring)."""
+    if model_cfg._target_ != "charlm.nets.LSTMLM" or any(model_cfg.get(k, v) != v for k, v in OTHER_DROPOUT.items()):
+        raise ValueError("--tricks times the dropout of the course's LSTM: model.dropout, no other dropout option")
+    n = model_cfg.num_layers + 1 if model_cfg.dropout > 0 else 0
+    return [(steps, batch, model_cfg.hidden_size)] * n, [model_cfg.dropout] * n
+
+
+def torch_dropout_masks(like: torch.Tensor, shapes, ps) -> list[torch.Tensor]:
+    """F.dropout's masks, which dropout_masks stands in for: bernoulli_, one draw per element, then scaled."""
+    return [torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
+            for shape, p in zip(shapes, ps)]
+
+
+class TrickCosts(L.Callback):
+    """On each step of a project run, times the project's code against what it would run without each trick
+    that is not a config value, on what the step hands it; `extra` sums (without - project) in seconds over the
+    steps after `warmup`, whose characters `chars` counts. The two sides alternate which goes first."""
+
+    def __init__(self, model_cfg, warmup: int, device: str):
+        self.model_cfg, self.warmup, self.device = model_cfg, warmup, device
+        self.extra = {trick: 0.0 for trick in TRICKS if trick not in SWITCHED_OFF}
+        self.chars, self.batch_idx = 0, 0
+
+    def timed(self, fn, *args) -> float:
+        sync(self.device)
+        start = clock()
+        fn(*args)
+        sync(self.device)
+        return clock() - start
+
+    def add(self, trick: str, project_s: float, without_s: float) -> None:
+        if self.batch_idx >= self.warmup:
+            self.extra[trick] += without_s - project_s
+
+    def both(self, trick: str, project, without) -> None:
+        """Time project() and without(), in alternating order, and add the difference."""
+        if self.batch_idx % 2:
+            without_s, project_s = self.timed(without), self.timed(project)
+        else:
+            project_s, without_s = self.timed(project), self.timed(without)
+        self.add(trick, project_s, without_s)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch_idx = batch_idx
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """CPU clipping: the step's gradients, as the Trainer is about to clip them, clipped by each function;
+        put back after each, so the step goes on with them unclipped."""
+        max_norm = trainer.gradient_clip_val
+        if not max_norm or trainer.gradient_clip_algorithm == "value":
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        saved = [p.grad.clone() for p in params]
+
+        def put_back() -> None:
+            for p, grad in zip(params, saved):
+                p.grad.copy_(grad)
+
+        self.both("CPU clipping", lambda: (clip_grad_norm(params, max_norm), put_back()),
+                  lambda: (torch.nn.utils.clip_grad_norm_(params, max_norm), put_back()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        like, (streams, steps) = next(pl_module.parameters()), batch[0].shape
+        shapes, ps = step_masks(self.model_cfg, streams, steps)
+        self.both("16-bit dropout masks", lambda: dropout_masks(like, shapes, ps),
+                  lambda: torch_dropout_masks(like, shapes, ps))
+        every = trainer.log_every_n_steps  # global_step has counted this step already
+        if not (every > 0 and trainer.global_step % every == 0):  # the project logs nothing on this step
+            by_norm = trainer.gradient_clip_val and trainer.gradient_clip_algorithm != "value"
+            logs = [(name, bar) for name, bar in STEP_LOGS if by_norm or not name.endswith("grad_norm")]
+            loss = outputs["loss"]
+            self.add("self.log on logging steps only", 0.0,
+                     self.timed(lambda: [pl_module.log(name, loss, prog_bar=bar) for name, bar in logs]))
+        if batch_idx >= self.warmup:
+            self.chars += batch[1].numel()
+
+
+def trick_costs(overrides: list[str], steps: int, warmup: int, device: str) -> dict[str, float]:
+    """The seconds per character that each trick TrickCosts times saves the project, over `steps` steps after
+    `warmup` of `python train.py overrides`."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        costs = TrickCosts(compose_config([*overrides, *BENCH], run_dir).model, warmup, device)
+        fit_project(overrides, steps, warmup, device, run_dir, (costs,))
+    return {trick: extra / costs.chars for trick, extra in costs.extra.items()}
+
+
+def trick_gains(cps: dict[str, list[float]], costs: list[dict[str, float]]) -> dict[str, float]:
+    """Each trick's project / without, the median over rounds: a config value's against its variant of the
+    same round, a timed one's 1 + its seconds per character x the project's characters per second that round."""
+    gains = {}
+    for trick in TRICKS:
+        if trick in SWITCHED_OFF:
+            per_round = [a / b for a, b in zip(cps["project"], cps[f"without {trick}"])]
+        else:
+            per_round = [1 + c[trick] * p for c, p in zip(costs, cps["project"])]
+        gains[trick] = statistics.median(per_round)
+    return gains
 
 
 # --- the project without the Trainer (--module-loop) --------------------------------------------------
@@ -307,16 +412,19 @@ def run_plain(overrides: list[str], steps: int, warmup: int, device: str = "cpu"
     return plain_loop(cfg, train_ids, ntoken, steps, warmup, device)[0]
 
 
-def measure(variant: str, overrides: list[str], steps: int, warmup: int, device: str) -> float:
-    """Characters per second of one timed run of `variant` (plain, project or an EXTRA_VARIANTS one) in this process."""
+def measure(variant: str, overrides: list[str], steps: int, warmup: int, device: str) -> float | dict[str, float]:
+    """Characters per second of one timed run of `variant` (plain, project, an EXTRA_VARIANTS one, "without T") in
+    this process; for COSTS, trick_costs' seconds per character."""
     if variant == "plain":
         return run_plain(overrides, steps, warmup, device)
     if variant == "module loop":
         return module_loop(overrides, steps, warmup, device)[0]
     if variant == "barebones":
         return run_project([*overrides, *BAREBONES], steps, warmup, device)
+    if variant == COSTS:
+        return trick_costs(overrides, steps, warmup, device)
     if variant.startswith("without "):
-        return run_project([*overrides, *without(variant[len("without "):])], steps, warmup, device)
+        return run_project([*overrides, *SWITCHED_OFF[variant[len("without "):]]], steps, warmup, device)
     return run_project(overrides, steps, warmup, device)
 
 
@@ -328,25 +436,33 @@ def in_fresh_process(script: str, spec) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def isolated(variant: str, overrides: list[str], steps: int, warmup: int, device: str) -> float:
+def isolated(variant: str, overrides: list[str], steps: int, warmup: int, device: str) -> float | dict[str, float]:
     """`measure` in a fresh Python process, as `python train.py` or a hand-written script runs: state that
     one run leaves in a process (the allocator's heap above all) must not carry over into the next. Run
     side by side in one process, the variants moved each other by up to a third at 2x512."""
     spec = {"variant": variant, "overrides": overrides, "steps": steps, "warmup": warmup, "device": device,
             "clock": clock.__name__}
-    return in_fresh_process(__file__, spec)["chars_per_sec"]
+    return in_fresh_process(__file__, spec)["result"]
 
 
-def alternate(runs: dict, rounds: int, label: str) -> dict[str, list[float]]:
-    """Characters per second of each variant in each round; the order rotates, so no variant always runs first."""
+def alternate(runs: dict, rounds: int, label: str) -> dict[str, list]:
+    """Each variant's result in each round (characters per second; COSTS: seconds per character of each trick);
+    the order rotates, so no variant always runs first."""
     cps: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(rounds):
         names = list(runs)
         for k in names[r % len(names):] + names[:r % len(names)]:
             torch.set_num_threads(DEFAULT_THREADS)  # the project's cpu.threads must not leak into the plain loop
             cps[k].append(runs[k]())
-        print(f"  {label} round {r + 1}/{rounds}: " + "  ".join(f"{k} {cps[k][-1]:,.0f}" for k in runs), flush=True)
+        print(f"  {label} round {r + 1}/{rounds}: " + "  ".join(f"{k} {shown(cps[k][-1])}" for k in runs), flush=True)
     return cps
+
+
+def shown(result: float | dict[str, float]) -> str:
+    """A run's result in a round's line: characters per second, or each timed trick's nanoseconds per character."""
+    if isinstance(result, float):
+        return f"{result:,.0f}"
+    return "(ns/char) " + ", ".join(f"{trick} {1e9 * v:+,.0f}" for trick, v in result.items())
 
 
 def round_ratios(cps: dict[str, list[float]], variant: str) -> list[float]:
@@ -372,15 +488,15 @@ def bench_config(name: str, overrides: list[str], steps: int, warmup: int, round
     for variant in extra:
         runs[variant] = lambda variant=variant: isolated(variant, overrides, steps, warmup, device)
     cps = alternate(runs, rounds, name)
-    ratio = {k: ratio_to_plain(cps, k) for k in runs if k != "plain"}
+    costs = cps.pop(COSTS, None)
+    ratio = {k: ratio_to_plain(cps, k) for k in cps if k != "plain"}
     return {"name": name, "overrides": overrides, "steps": steps, "warmup": warmup, "rounds": rounds,
             "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
             "model": f"{cfg.model.num_layers}x{cfg.model.hidden_size}", "flops_per_char": flops_per_char(cfg, ntoken),
             "chars_per_sec": {k: statistics.median(v) for k, v in cps.items()}, "all_chars_per_sec": cps,
-            "round_ratios": {k: round_ratios(cps, k) for k in runs if k != "plain"},
+            "round_ratios": {k: round_ratios(cps, k) for k in cps if k != "plain"},
             "ratio": ratio["project"], "best_ratio": ratio["best"],
-            "trick_gains": {k[len("without "):]: statistics.median(a / b for a, b in zip(cps["project"], cps[k]))
-                            for k in runs if k.startswith("without ")},
+            "trick_gains": trick_gains(cps, costs) if costs else {}, "trick_costs": costs,
             **{ratio_key(variant): ratio.get(variant) for variant in EXTRA_VARIANTS}}  # None: not run
 
 
@@ -480,7 +596,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--barebones", action="store_true",
                         help="also time the project's module in Lightning's Trainer(barebones=True): the Trainer's floor")
     parser.add_argument("--tricks", action="store_true",
-                        help="also time the project with each speed trick off: what each one buys")
+                        help="also measure what each of the project's speed tricks buys (see the docstring)")
     parser.add_argument("--checkpoint-cost", action="store_true",
                         help="only time a step checkpoint against a step: what sweep.every_n_train_steps costs")
     parser.add_argument("--json", type=Path, help="default outputs/bench/throughput-<device>[-quick].json")
@@ -499,8 +615,8 @@ def main() -> None:
     if args.one:
         spec = json.loads(args.one)
         clock = getattr(time, spec["clock"])
-        cps = measure(spec["variant"], spec["overrides"], spec["steps"], spec["warmup"], spec["device"])
-        print(json.dumps({"chars_per_sec": cps}))
+        result = measure(spec["variant"], spec["overrides"], spec["steps"], spec["warmup"], spec["device"])
+        print(json.dumps({"result": result}))
         return
     if args.checkpoint_cost:
         print(f"{machine_name(args.device)}, {DEFAULT_THREADS} threads, {datetime.date.today()}")
@@ -519,7 +635,7 @@ def main() -> None:
     print(f"peak matmul GFLOP/s: fp32 {peak['fp32']:,.0f}  bf16 {peak['bf16']:,.0f}", flush=True)
     configs = []
     extra = tuple(v for v, on in (("module loop", args.module_loop), ("barebones", args.barebones)) if on)
-    extra += tuple(f"without {t}" for t in TRICKS) if args.tricks else ()
+    extra += (*(f"without {t}" for t in SWITCHED_OFF), COSTS) if args.tricks else ()
     for name, overrides, steps, warmup in plan(args):
         configs.append(bench_config(name, overrides, steps, warmup, rounds, args.best, args.device, extra))
     result = {"date": datetime.date.today().isoformat(), "device": args.device, "machine": machine_name(args.device),

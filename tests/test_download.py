@@ -28,6 +28,7 @@ def serve(tmp_path):
     yield start
     for server in servers:
         server.shutdown()
+        server.server_close()  # its listening socket
 
 
 def test_download_checks_md5_and_derives_char_files(real_data, tmp_path, serve):

@@ -84,6 +84,9 @@ def test_query_protocol_through_a_pipe(trained):
     finally:
         watchdog.cancel()
         proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
     # the answer after the error is the one the history without the bad line gives
     state = None
     for symbol in ["t", "h", "e", "_", "a", "_", "c"]:
@@ -136,11 +139,10 @@ def test_evaluate_writes_json_beside_the_checkpoint_by_default(trained, tmp_path
     assert json.loads((tmp_path / "model.test.b1.json").read_text())["split"] == "test"
 
 
-def test_score_is_the_same_in_one_chunk_or_many_and_step_by_step(trained, monkeypatch):
+def test_score_is_the_same_in_one_chunk_or_many_and_step_by_step(trained):
     model, text = trained.model, LONG_TEXT[:600]
     whole = model.score(text)["nll"]
-    monkeypatch.setattr(api, "MAX_CHUNK", 7)
-    assert model.score(text)["nll"] == pytest.approx(whole, abs=1e-6)
+    assert model.score(text, max_chunk=7)["nll"] == pytest.approx(whole, abs=1e-6)
     symbols, state, total = model.symbols(text), None, 0.0
     for symbol, nxt in zip(symbols, symbols[1:]):
         logp, state = model.next_logprobs(state, symbol)

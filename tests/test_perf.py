@@ -9,9 +9,10 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from charlm import cache, config
+from charlm import cache, config, nets, ptb
 from charlm.data import PTBDataModule
 from charlm.nets import LSTMLM
 from charlm.nets.dropout import dropout, dropout_masks
@@ -31,13 +32,26 @@ def load(data_dir, **kw):
     return dm
 
 
-def test_cache_is_written_beside_the_data_and_then_used(tiny_data, user_cache, monkeypatch):
+def text_files(data_dir):
+    return {split: data_dir / ptb.filename("char", split) for split in ptb.SPLITS}
+
+
+def test_cache_is_written_beside_the_data_and_then_used(tiny_data, user_cache):
     first = load(tiny_data)
-    assert (tiny_data / "ptb.char.ids.pt").is_file() and not user_cache.exists()
-    monkeypatch.setattr("charlm.data.read_splits", lambda paths: pytest.fail("the text files were read again"))
+    path = tiny_data / "ptb.char.ids.pt"
+    assert path.is_file() and not user_cache.exists()
+    written = path.stat()
     second = load(tiny_data)
     assert second.vocab == first.vocab
     assert all(torch.equal(second.ids[s], first.ids[s]) and second.ids[s].dtype == torch.long for s in first.ids)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # not rewritten
+    # What loads is the cache, not the text: a cache of other splits, keyed on these very text files, is taken.
+    path.unlink()
+    n = len(first.vocab)
+    other = first.vocab.symbols[::-1], {s: n - 1 - ids for s, ids in first.ids.items()}
+    cache.load_or_build(text_files(tiny_data), tiny_data, "char", lambda: other)
+    third = load(tiny_data)
+    assert third.vocab.symbols == other[0] and all(torch.equal(third.ids[s], other[1][s]) for s in first.ids)
 
 
 def test_changed_text_rebuilds_the_cache(tiny_data, user_cache):
@@ -51,7 +65,7 @@ def test_changed_text_rebuilds_the_cache(tiny_data, user_cache):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "altered ids"])
-def test_damaged_cache_is_rebuilt_not_trusted(tiny_data, user_cache, damage, monkeypatch):
+def test_damaged_cache_is_rebuilt_not_trusted(tiny_data, user_cache, damage):
     good = load(tiny_data)
     path = tiny_data / "ptb.char.ids.pt"
     if damage == "garbage":
@@ -64,8 +78,10 @@ def test_damaged_cache_is_rebuilt_not_trusted(tiny_data, user_cache, damage, mon
         torch.save(saved, path)
     again = load(tiny_data)
     assert all(torch.equal(again.ids[s], good.ids[s]) for s in good.ids)
-    monkeypatch.setattr("charlm.data.read_splits", lambda paths: pytest.fail("the rebuilt cache was not used"))
-    assert load(tiny_data).vocab == good.vocab
+    # the rebuilt cache is whole: the cache takes it without reading the text files
+    symbols, _ = cache.load_or_build(text_files(tiny_data), tiny_data, "char",
+                                     lambda: pytest.fail("the rebuilt cache was not used"))
+    assert symbols == good.vocab.symbols
 
 
 def test_read_only_data_dir_falls_back_to_the_user_cache(tmp_path, user_cache):
@@ -228,6 +244,57 @@ def test_plain_loop_module_loop_barebones_and_project_give_the_same_losses(real_
     torch.testing.assert_close(torch.tensor(module), torch.tensor(project), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.tensor(barebones), torch.tensor(project), rtol=1e-6, atol=1e-6)
     assert plain[-1] < plain[0]  # and it learns
+
+
+# --- what the speed tricks buy (--tricks) ---------------------------------------------------------------
+def test_trick_costs_time_the_dropout_masks_a_training_step_draws():
+    """--tricks times dropout_masks on the shapes and rates it derives from the config: drawn from the same
+    seed and applied where the network applies its masks, they give the network's training logits."""
+    bench = load_bench("throughput")
+    cfg = compose_config("model.hidden_size=12", "model.num_layers=3", "model.dropout=0.3")
+    net = nets.build(OmegaConf.to_container(cfg.model), 11).train()
+    x = torch.randint(0, 11, (4, 7))
+    shapes, ps = bench.step_masks(cfg.model, 4, 7)
+    assert shapes == [(7, 4, 12)] * 4 and ps == [0.3] * 4
+    torch.manual_seed(1)
+    logits, _ = net(x)
+    torch.manual_seed(1)
+    masks = dropout_masks(net.embed.weight, shapes, ps)
+    out = net.embed(x.t()) * masks[0]
+    for layer, mask in zip(net.lstm, masks[1:]):
+        out = layer(out)[0] * mask
+    torch.testing.assert_close(logits, net.decoder(out).transpose(0, 1))
+    assert bench.step_masks(compose_config("model.dropout=0").model, 4, 7) == ([], [])
+    with pytest.raises(ValueError, match="model.dropout"):
+        bench.step_masks(compose_config("model.locked_dropout=true").model, 4, 7)
+
+
+def test_trick_costs_leave_the_training_alone_and_give_each_tricks_gain(real_data, tmp_path):
+    """The costs run trains as the project does (the gradients it clips are put back; no dropout here, so no
+    mask draw moves the generator), times every trick TrickCosts covers, and the gains are project / without."""
+    bench = load_bench("throughput")
+    overrides = ["model.dropout=0", "model.hidden_size=32", f"data.data_dir={real_data}",
+                 "trainer.gradient_clip_val=0.05"]  # small enough to clip every step
+    steps, warmup = 6, 2
+
+    class Losses(bench.L.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values.append(float(outputs["loss"]))
+
+    plain, timed = Losses(), Losses()
+    bench.fit_project(overrides, steps, warmup, "cpu", str(tmp_path / "plain"), (plain,))
+    costs = bench.TrickCosts(bench.compose_config(overrides, "unused").model, warmup, "cpu")
+    bench.fit_project(overrides, steps, warmup, "cpu", str(tmp_path / "costs"), (timed, costs))
+    assert len(plain.values) == warmup + steps and timed.values == plain.values
+    timed_tricks = [t for t in bench.TRICKS if t not in bench.SWITCHED_OFF]
+    assert list(costs.extra) == timed_tricks and costs.chars == steps * 20 * 10
+    assert costs.extra["self.log on logging steps only"] > 0  # every step here is not a logging step
+    cps = {"project": [1000.0, 3000.0, 2000.0], "without keep_freed_memory": [800.0, 3000.0, 1000.0]}
+    gains = bench.trick_gains(cps, [dict.fromkeys(timed_tricks, 1e-4)] * 3)
+    assert gains == pytest.approx({**dict.fromkeys(timed_tricks, 1.2), "keep_freed_memory": 1.25})
 
 
 # --- presets -------------------------------------------------------------------------------------------

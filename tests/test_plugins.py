@@ -140,6 +140,8 @@ def test_an_earlier_checkpoint_loads_and_scores_as_it_did():
     assert lm.sample("the ", length=30, greedy=True) == expected["greedy"]
 
 
+# Lightning says so when a run resumes a checkpoint written in another directory, as this fixture was
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from '/tmp/fx/run/checkpoints':UserWarning")
 def test_an_earlier_checkpoint_resumes(tiny_data, tmp_path):
     """The fixture is a 2x8 LSTM's last.ckpt after 1 epoch on the tiny text; it trains a second epoch."""
     before = torch.load(FIXTURE, weights_only=True)

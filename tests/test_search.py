@@ -46,6 +46,7 @@ def test_a_killed_search_is_continued_by_its_command_and_its_trials_grow(tmp_pat
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)  # the sweeper and its running trial, as a lost node or `kill -9` would
     proc.wait()
+    proc.stderr.close()
     before = trials(sweep / "optuna.db")
     assert [t.state for t in before] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
 

@@ -118,23 +118,21 @@ def test_experiment_is_the_reports_grid():
 
 
 def test_slurm_launcher_asks_for_one_gpu_per_job(tmp_path, monkeypatch):
-    """Without SLURM: run the launcher up to sbatch and read the job-array script it would submit."""
-    import submitit.slurm.slurm as slurm
-
-    scripts = []
-
-    def submit(self, command):
-        scripts.append(self._make_submission_file_text(command, "uid"))
-        raise RuntimeError("not submitted")
-
-    monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # as if srun existed
-    monkeypatch.setattr(slurm.SlurmExecutor, "_submit_command", submit)
+    """Without SLURM: run the launcher up to sbatch, a stand-in on PATH that keeps the job-array script it is
+    given and refuses it (submitit looks for srun on PATH to know it is on a SLURM cluster: a stand-in too)."""
+    bin_dir, kept = tmp_path / "bin", tmp_path / "kept"
+    bin_dir.mkdir()
+    kept.mkdir()
+    for name, body in {"srun": "exit 1", "sbatch": f'cp "$1" {kept}/\necho "not submitted" >&2\nexit 1'}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     cfg = compose_config("hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}", "hydra.launcher.partition=gpu", hydra=True)
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
     with pytest.raises(RuntimeError, match="not submitted"):
         launcher.launch([["data.seq_len=5"], ["data.seq_len=50"]], initial_job_idx=0)
-    (script,) = scripts
+    (script,) = [path.read_text() for path in kept.iterdir()]
     for line in ("--gpus-per-node=1", "--ntasks-per-node=1", "--nodes=1", "--array=0-1%2", "--partition=gpu",
                  "--time=240", f"--output={tmp_path}/.submitit/"):
         assert f"#SBATCH {line}" in script
@@ -210,6 +208,7 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_to_the_same_result(tmp
         time.sleep(0.01)
     os.kill(pid, signal.SIGUSR2)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    proc.stderr.close()
     (job,) = [d.parent for d in sweep.glob("*/.hydra")]
     log = (job / "train.log").read_text()
     assert "resuming the interrupted job" in log
@@ -327,6 +326,7 @@ def test_a_killed_sweep_is_finished_by_running_its_command_again(tmp_path):
     rows = {r["overrides"]: r for r in read_summary(sweep)}  # written when the first job ended
     assert [r["status"] for r in rows.values()] == ["completed", "pending", "pending"]
     proc.wait()
+    proc.stderr.close()
     report = subprocess.run([sys.executable, "-m", "charlm.report", str(sweep)], capture_output=True, text=True)
     assert "1 completed, 1 pending, 1 interrupted" in report.stdout  # data.seq_len=20 never started
     first = digests(jobs["5"])

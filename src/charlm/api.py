@@ -111,21 +111,24 @@ class Model:
         return F.log_softmax(logits[0].float(), -1), state
 
     # whole texts
-    def score(self, text: str | Sequence[str], batch_size: int = 1, dynamic: Dynamic | None = None) -> dict:
+    def score(self, text: str | Sequence[str], batch_size: int = 1, dynamic: Dynamic | None = None,
+              max_chunk: int = MAX_CHUNK) -> dict:
         """Mean NLL over every predicted symbol of `text` (all but the first of each of `batch_size`
         contiguous streams), the hidden state carried from start to end, accumulated in float64.
-        Returns the kind's figures (nll, bpc, ...), plus `symbols`, the number predicted."""
+        Returns the kind's figures (nll, bpc, ...), plus `symbols`, the number predicted.
+        Without `dynamic`, the text goes through the network in chunks of at most `max_chunk` steps (fewer
+        where a chunk's logits would pass CHUNK_VALUES): the result is the same, up to rounding, whatever it is."""
         ids = self.encode(text)
         if len(ids) < 2 * batch_size:
             raise CharlmError(f"{len(ids)} symbols are too few to score at batch size {batch_size}: "
                               f"each of the {batch_size} streams needs at least 2")
         streams = batchify(ids, batch_size).to(self.device)
-        total, count = self._dynamic_nll(streams, dynamic) if dynamic else self._nll(streams)
+        total, count = self._dynamic_nll(streams, dynamic) if dynamic else self._nll(streams, max_chunk)
         return {**self.kind.figures(total / count), "symbols": count}
 
-    def _nll(self, streams: torch.Tensor) -> tuple[float, int]:
-        """Sum of NLL over batched streams, one fused LSTM call per chunk of up to MAX_CHUNK steps."""
-        chunk = max(1, min(MAX_CHUNK, CHUNK_VALUES // (streams.size(0) * len(self.vocab))))
+    def _nll(self, streams: torch.Tensor, max_chunk: int = MAX_CHUNK) -> tuple[float, int]:
+        """Sum of NLL over batched streams, one fused LSTM call per chunk of up to `max_chunk` steps."""
+        chunk = max(1, min(max_chunk, CHUNK_VALUES // (streams.size(0) * len(self.vocab))))
         total = torch.zeros((), dtype=torch.float64, device=streams.device)
         state = None
         with self._eval(), torch.no_grad():
