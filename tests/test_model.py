@@ -73,3 +73,17 @@ def test_split_nll_is_weighted_by_symbols_not_a_mean_of_window_means():
     metric.update(torch.tensor(1.0), 30)  # a full window
     metric.update(torch.tensor(2.0), 10)  # the last, shorter window
     assert metric.compute().item() == pytest.approx(1.25)
+
+
+def test_a_one_cycle_laid_over_fewer_steps_takes_effect_at_the_next_step():
+    from charlm.schedules import OneCycle, one_cycle, set_length, zaremba
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = one_cycle(opt, total_steps=100, anneal_strategy="linear")["scheduler"]
+    for _ in range(50):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(OneCycle(100, anneal_strategy="linear")(50))
+    assert set_length(sched, 51)  # the step about to be taken is the last one: it trains at the final rate
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 1000)
+    assert not set_length(zaremba(opt, total_steps=100)["scheduler"], 10)  # an epoch schedule keeps its shape

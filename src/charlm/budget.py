@@ -108,7 +108,7 @@ class TimeBudget(L.Callback):
         for _ in range(3):  # the validations due before the end depend on where the end is
             due = self._validations_between(trainer, trainer.global_step, end) * validation
             end = trainer.global_step + max(0, math.floor((left - due) / step_s))
-        return max(trainer.global_step, min(end, limit))
+        return max(min(end, limit), min(trainer.global_step + 1, limit))  # one more step, at the final rate
 
     @staticmethod
     def _validations_between(trainer, start: int, end: int) -> int:

@@ -65,8 +65,12 @@ def one_cycle(optimizer: Optimizer, total_steps: int, pct_start: float = 0.1, di
 
 
 def set_length(scheduler, total_steps: int) -> bool:
-    """Lay `scheduler` over `total_steps` optimiser steps if its length can change (one_cycle's); whether it could."""
+    """Lay `scheduler` over `total_steps` optimiser steps if its length can change (one_cycle's), the next step
+    already at the new schedule's rate; whether it could."""
     factors = [f for f in getattr(scheduler, "lr_lambdas", []) if isinstance(f, OneCycle)]
     for factor in factors:
         factor.total_steps = total_steps
+    if factors:  # LambdaLR would apply the new length from its next step() on: one step late
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
     return bool(factors)
