@@ -288,7 +288,7 @@ def test_a_killed_budgeted_run_resumes_with_the_budget_it_has_left(long_epoch, t
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     spent = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["TimeBudget"]["spent"]
     assert 0 < spent < 16
 

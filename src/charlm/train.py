@@ -10,6 +10,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -33,6 +34,10 @@ from charlm.ptb import SPLITS
 from charlm.symbols import kind
 
 log = logging.getLogger(__name__)
+# Lightning's own _pytree builds torch's deprecated LeafSpec on every fit (lightning 2.6, torch 2.13): not
+# the user's to act on, so not printed on every run
+warnings.filterwarnings("ignore", r".isinstance\(treespec, LeafSpec\). is deprecated", FutureWarning,
+                        "lightning.pytorch.utilities._pytree")
 # Config keys that say where and how a run is carried out, not what it is: left out of TensorBoard's HPARAMS.
 PLUMBING = {"_target_", "data_dir", "path", "download", "url", "verify", "cache", "default_root_dir", "accelerator",
             "devices", "num_nodes", "strategy", "enable_progress_bar", "enable_model_summary", "enable_checkpointing",
