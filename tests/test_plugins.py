@@ -150,3 +150,20 @@ def test_an_earlier_checkpoint_resumes(tiny_data, tmp_path):
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
     assert metrics["steps"] == 2 * before["global_step"]
     assert metrics["history"][0]["epoch"] == 1 and len(metrics["history"]) == 2  # the first epoch's row came along
+
+
+@pytest.mark.parametrize("net", ["gru", "mogrifier"])
+def test_the_gru_and_the_mogrifier_train_and_resume_exactly(net, tiny_data, tmp_path):
+    """Each with every regulariser on (their masks drawn as the LSTM's): one epoch resumed to two gives the
+    figures of two in one go, and the checkpoint loads in charlm.load with its own kind of state."""
+    common = ("model.hidden_size=16", "model.dropout=0.2", "model.locked_dropout=true", "model.weight_drop=0.3",
+              "model.dropout_embedding=0.1", "loss.ar_alpha=1", "loss.tar_beta=1", "data.variable_length=true",
+              "data.batch_size=4", "data.eval_batch_size=2", *FAST)
+    whole = train_here(tmp_path / "whole", f"model={net}", "trainer.max_epochs=2", *common, data_dir=tiny_data)
+    train_here(tmp_path / "half", f"model={net}", "trainer.max_epochs=1", *common, data_dir=tiny_data)
+    resumed = train_here(tmp_path / "half", f"model={net}", "trainer.max_epochs=2", *common,
+                         f"ckpt_path={tmp_path / 'half' / 'checkpoints' / 'last.ckpt'}", data_dir=tiny_data)
+    assert resumed["valid"]["bpc"] == whole["valid"]["bpc"] and resumed["steps"] == whole["steps"]
+    lm = charlm.load(tmp_path / "whole" / "checkpoints" / "best.ckpt")
+    assert type(lm.net).__name__ == {"gru": "GRULM", "mogrifier": "MogrifierLM"}[net]
+    assert lm.score("the cat sat")["bpc"] < 6 and len(lm.sample("the ", length=10, seed=0)) > 4
