@@ -36,3 +36,16 @@ def test_two_processes_train_the_same_model_as_one(tiny_data, tmp_path):
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=name)
     assert m1["history"][1]["train/nll"] < m1["history"][0]["train/nll"]  # it learned: the weights moved
+
+
+def test_two_processes_end_a_time_budget_at_the_same_step(tiny_data, tmp_path):
+    """Each process times its own steps; both end where the first decides (else one waits for the other forever)."""
+    run = tmp_path / "run"
+    proc = run_train(f"hydra.run.dir={run}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                     "model.hidden_size=16", "data.batch_size=4", "data.eval_batch_size=2", "optimizer=adamw",
+                     "scheduler=onecycle_budget", "trainer.max_epochs=100", "trainer.max_time=00:00:00:20", *FAST,
+                     data_dir=tiny_data, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["history"][-1]["step"] == metrics["steps"] > 20
+    assert metrics["wall_time_s"] <= 20 * 1.3

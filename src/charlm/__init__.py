@@ -1,4 +1,10 @@
-"""charlm: character-level LSTM language models on Penn Treebank. `charlm.load(path)` opens a checkpoint."""
+"""charlm: character-level language models on Penn Treebank. `charlm.load(path)` opens a checkpoint.
+
+Two layers. The ML core, which imports no Hydra (the import contract in pyproject.toml): ptb, data, cache,
+symbols (the data); nets/ (the networks); module, schedules, budget, metrics, optim, precision, callbacks,
+checkpoint (training); api (charlm.load). The run layer, which composes configs with Hydra: train, config,
+errors, devices, sweep, report, search, resolvers; and the tools evaluate, query, sample.
+"""
 
 __all__ = ["load", "Model", "Dynamic"]
 

@@ -77,15 +77,19 @@ class TimeBudget(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.budget is None:
             return
-        now, steps = time.monotonic(), trainer.global_step - self.clock["steps"]
+        now, steps, stop_at = time.monotonic(), trainer.global_step - self.clock["steps"], self.stop_at
         if steps >= 5 and now - self.clock["refit"] >= self.refit_s:
             self.step_s = (now - self.clock["refit"] - self.clock["eval_s"]) / steps
             self.clock.update(refit=now, steps=trainer.global_step, eval_s=0.0, refits=self.clock["refits"] + 1)
             if self.eval_share is None and self.eval_batch_s and self.clock["refits"] == 2:  # past the warm-up
                 self.eval_share = self.eval_batch_s / self.step_s
-            self.stop_at = self.fit(trainer, self.step_s)
+            stop_at = self.fit(trainer, self.step_s)
+        if trainer.world_size > 1:  # every process ends where the first decides, or the others wait forever
+            stop_at = trainer.strategy.broadcast(stop_at, src=0)
+        if stop_at != self.stop_at:
+            self.stop_at = stop_at
             for config in trainer.lr_scheduler_configs:
-                schedules.set_length(config.scheduler, self.stop_at)
+                schedules.set_length(config.scheduler, stop_at)
         if self.stop_at is not None and trainer.global_step >= self.stop_at:
             trainer.should_stop = True
 

@@ -173,9 +173,12 @@ def build(cfg: DictConfig, extra_callbacks: list = ()) -> tuple[L.LightningDataM
     plugins = [checkpoint.AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # submitit requeues pre-empted jobs (hydra/launcher=slurm): Lightning must not too
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    # A TimeBudget ends the run inside trainer.max_time itself: Lightning's own stop at max_time would cut
+    # its schedule short wherever the clock runs out
+    budgeted = any(isinstance(c, TimeBudget) and c.budget for c in callbacks)
     trainer: L.Trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
-                                     plugins=plugins, precision=precision.usable(cfg.trainer.precision,
-                                                                                 cfg.trainer.accelerator))
+                                     plugins=plugins, max_time=None if budgeted else cfg.trainer.get("max_time"),
+                                     precision=precision.usable(cfg.trainer.precision, cfg.trainer.accelerator))
     return datamodule, model, trainer
 
 
