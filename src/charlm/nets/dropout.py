@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 MASK_LEVELS = 1 << 16  # a dropout mask element is 16 random bits
 
@@ -50,7 +51,8 @@ def draw_masks(like: torch.Tensor, places: dict) -> dict:
 class StackDropout:
     """LSTMLM's dropout options for any network of embedding -> stacked recurrent layers -> decoder, mixed into
     its nn.Module (which has `embed` and `decoder`), so that every such network drops in the same places, from
-    one draw per training step: the rates, the masks, and the two ends of forward with theirs applied."""
+    one draw per training step: the rates, the masks, and the two ends of forward with theirs applied; and
+    the modules of such a stack, built and initialised alike (_build_stack)."""
 
     def _dropout_options(self, dropout: float, dropout_input: float | None, dropout_hidden: float | None,
                          dropout_output: float | None, locked_dropout: bool, dropout_embedding: float,
@@ -58,6 +60,21 @@ class StackDropout:
         self.p_input, self.p_hidden, self.p_output = (dropout if p is None else p
                                                       for p in (dropout_input, dropout_hidden, dropout_output))
         self.locked, self.p_embedding, self.p_weight = locked_dropout, dropout_embedding, weight_drop
+
+    def _build_stack(self, vocab_size: int, hidden_size: int, num_layers: int, init_range: float,
+                     embedding_size: int | None, tie_weights: bool, layers: str, make_layer) -> None:
+        """embed, the layers (`make_layer(input width, output width)`, kept as attribute `layers`) and decoder,
+        registered in that order, every parameter uniform in [-init_range, init_range] (Zaremba); with
+        `tie_weights` the decoder uses the embedding's matrix, the last layer sized to match (AWD-LSTM)."""
+        embedding_size = embedding_size or hidden_size
+        widths = [embedding_size] + [hidden_size] * (num_layers - 1) + [embedding_size if tie_weights else hidden_size]
+        self.embed = nn.Embedding(vocab_size, embedding_size)
+        setattr(self, layers, nn.ModuleList(make_layer(widths[k], widths[k + 1]) for k in range(num_layers)))
+        self.decoder = nn.Linear(widths[-1], vocab_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -init_range, init_range)
+        if tie_weights:
+            self.decoder.weight = self.embed.weight
 
     def _stack_masks(self, steps_batch: torch.Size, widths: Sequence[int], hidden_weights: Sequence) -> dict:
         """A training step's masks, from one draw: per layer input (k, widths[k] wide), the output's (widths[-1]),

@@ -28,15 +28,7 @@ class GRULM(StackDropout, nn.Module):
         super().__init__()
         self._dropout_options(dropout, dropout_input, dropout_hidden, dropout_output, locked_dropout,
                               dropout_embedding, weight_drop)
-        embedding_size = embedding_size or hidden_size
-        widths = [embedding_size] + [hidden_size] * (num_layers - 1) + [embedding_size if tie_weights else hidden_size]
-        self.embed = nn.Embedding(vocab_size, embedding_size)
-        self.gru = nn.ModuleList(nn.GRU(widths[k], widths[k + 1]) for k in range(num_layers))
-        self.decoder = nn.Linear(widths[-1], vocab_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -init_range, init_range)
-        if tie_weights:
-            self.decoder.weight = self.embed.weight
+        self._build_stack(vocab_size, hidden_size, num_layers, init_range, embedding_size, tie_weights, "gru", nn.GRU)
 
     def forward(self, x: torch.Tensor, state: State | None = None,
                 outputs: bool = False) -> tuple[torch.Tensor, State] | tuple[torch.Tensor, State, tuple]:
