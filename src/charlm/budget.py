@@ -9,6 +9,7 @@ import time
 import lightning as L
 
 from charlm import schedules
+from charlm.data import limited
 
 
 def seconds(duration: str) -> float:
@@ -133,7 +134,7 @@ class TimeBudget(L.Callback):
             batches, limit = len(trainer.datamodule.val_dataloader()), trainer.limit_val_batches
         else:
             batches, limit = len(trainer.datamodule.test_dataloader()), trainer.limit_test_batches
-        return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        return limited(batches, limit)
 
     # --- resuming --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -48,6 +48,11 @@ class Vocab:
         Path(path).write_text(json.dumps(self.symbols, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
 
 
+def limited(batches: int, limit: int | float) -> int:
+    """A loader's batches as a trainer's limit_*_batches leaves them: a count, or a share of them."""
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+
+
 def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Lay a 1-D token stream out as `batch_size` rows; row k is the k-th contiguous slice of the text."""
     n = ids.numel() // batch_size

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm import nets
+from charlm.data import limited
 from charlm.errors import CharlmError
 from charlm.metrics import TokenNLL
 from charlm.optim import clip_grad_norm
@@ -216,9 +217,7 @@ class LanguageModel(L.LightningModule):
         trainer = self.trainer
         if trainer.datamodule is None:
             return int(trainer.estimated_stepping_batches)
-        batches = len(trainer.datamodule.train_dataloader())
-        limit = trainer.limit_train_batches
-        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        batches = limited(len(trainer.datamodule.train_dataloader()), trainer.limit_train_batches)
         steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs or 1, 1)
         return min(steps, trainer.max_steps) if trainer.max_steps not in (None, -1) else steps
 
