@@ -199,16 +199,32 @@ def test_sample_is_reproducible_with_a_seed(trained, capsys):
     assert capsys.readouterr().out == one + "\n"
 
 
-def test_training_logs_a_text_sample_each_validation_epoch(trained):
+def tensorboard_texts(run: Path, prefix: str) -> list[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     texts = []
-    for events in (trained.run / "tensorboard").glob("events.out.tfevents.*"):
+    for events in (run / "tensorboard").glob("events.out.tfevents.*"):
         acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
         acc.Reload()
-        texts += [t for tag in acc.Tags()["tensors"] if tag.startswith("valid/sample") for t in acc.Tensors(tag)]
+        texts += [t.tensor_proto.string_val[0].decode() for tag in acc.Tags()["tensors"] if tag.startswith(prefix)
+                  for t in acc.Tensors(tag)]
+    return texts
+
+
+def test_training_logs_a_text_sample_each_validation_epoch(trained):
+    texts = tensorboard_texts(trained.run, "valid/sample")
     assert len(texts) == 1  # one validation epoch; none for the sanity check
-    assert len(texts[0].tensor_proto.string_val[0].decode().strip()) > 50
+    assert len(texts[0].strip()) > 50
+
+
+def test_training_logs_where_the_bits_go_at_each_validation_and_they_add_up(trained):
+    tables = tensorboard_texts(trained.run, "valid/bits_by_position")
+    assert len(tables) == 1 and "| word start |" in tables[0] and "| word boundary |" in tables[0]
+    rows = [line.strip("|").split("|") for line in tables[0].splitlines()[2:]]
+    symbols = sum(int(r[1].replace(",", "")) for r in rows)
+    valid = json.loads((trained.run / "metrics.json").read_text())
+    mean = sum(int(r[1].replace(",", "")) * float(r[3]) for r in rows) / symbols  # symbol-weighted mean bits
+    assert mean == pytest.approx(valid["valid"]["bpc"], abs=2e-3)  # table rounding, 3 decimals
 
 
 # --- the API -----------------------------------------------------------------------------------------

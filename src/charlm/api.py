@@ -126,17 +126,30 @@ class Model:
         total, count = self._dynamic_nll(streams, dynamic) if dynamic else self._nll(streams, max_chunk)
         return {**self.kind.figures(total / count), "symbols": count}
 
-    def _nll(self, streams: torch.Tensor, max_chunk: int = MAX_CHUNK) -> tuple[float, int]:
-        """Sum of NLL over batched streams, one fused LSTM call per chunk of up to `max_chunk` steps."""
+    def read(self, streams: torch.Tensor, max_chunk: int = MAX_CHUNK,
+             cells: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Read batched streams (batch, length) of ids chunk by chunk, the state carried from start to end:
+        for each chunk, its targets (batch, steps), the log-probabilities of every symbol at each step
+        (batch, steps, V) and, with `cells`, the network's per-step cell states (its `cell_states`), else None.
+        Memory stays bounded however long the streams (chunks of at most `max_chunk` steps and CHUNK_VALUES)."""
         chunk = max(1, min(max_chunk, CHUNK_VALUES // (streams.size(0) * len(self.vocab))))
-        total = torch.zeros((), dtype=torch.float64, device=streams.device)
         state = None
-        with self._eval(), torch.no_grad():
+        with self._eval():
             for start in range(0, streams.size(1) - 1, chunk):
                 x, y = streams[:, start : start + chunk], streams[:, start + 1 : start + chunk + 1]
-                logits, state = self.net(x[:, : y.size(1)], state)
-                logp = F.log_softmax(logits.float(), -1).gather(-1, y[..., None])
-                total -= logp.double().sum()
+                with torch.no_grad():  # not held across the yield: the caller's code keeps its grad mode
+                    if cells:
+                        logits, state, c = self.net.cell_states(x[:, : y.size(1)], state)
+                    else:
+                        (logits, state), c = self.net(x[:, : y.size(1)], state), None
+                    logp = F.log_softmax(logits.float(), -1)
+                yield y, logp, c
+
+    def _nll(self, streams: torch.Tensor, max_chunk: int = MAX_CHUNK) -> tuple[float, int]:
+        """Sum of NLL over batched streams, one fused network call per chunk of up to `max_chunk` steps."""
+        total = torch.zeros((), dtype=torch.float64, device=streams.device)
+        for y, logp, _ in self.read(streams, max_chunk):
+            total -= logp.gather(-1, y[..., None]).double().sum()
         return float(total), streams[:, 1:].numel()
 
     def _dynamic_nll(self, streams: torch.Tensor, dyn: Dynamic) -> tuple[float, int]:

@@ -1,5 +1,5 @@
 """Small Lightning callbacks: training throughput, the per-epoch history that metrics.json keeps, the
-per-epoch text sample in TensorBoard, and interrupts. (A run's time budget: charlm.budget.)"""
+per-epoch text sample and where-the-bits-go table in TensorBoard, and interrupts. (A run's time budget: charlm.budget.)"""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from charlm.api import Model
+from charlm.metrics import position_markdown
 
 
 class Throughput(L.Callback):
@@ -98,6 +99,23 @@ class SaveOnInterrupt(L.Callback):
                   f"resume with: {self.resume_hint} ckpt_path={self.path}", flush=True)
 
 
+def tensorboards(trainer) -> list[TensorBoardLogger]:
+    """The run's TensorBoard loggers, on the process that writes them (none while sanity checking)."""
+    if trainer.sanity_checking or not trainer.is_global_zero:
+        return []
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+class BitsByPosition(L.Callback):
+    """After each validation, logs where its bits went by kind of position (LanguageModel.valid_positions,
+    summed as the validation runs) to TensorBoard's text tab: the table charlm.inspect draws for one text."""
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        rows = getattr(pl_module, "position_rows", None)
+        for logger in tensorboards(trainer) if rows else []:
+            logger.experiment.add_text("valid/bits_by_position", position_markdown(rows), trainer.global_step)
+
+
 class SampleText(L.Callback):
     """After each validation epoch, logs a short sample of the model to TensorBoard's text tab.
 
@@ -109,8 +127,8 @@ class SampleText(L.Callback):
         self.prime, self.length, self.temperature, self.seed = prime, length, temperature, seed
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if trainer.sanity_checking or not trainer.is_global_zero or not loggers:
+        loggers = tensorboards(trainer)
+        if not loggers:
             return
         model = Model(pl_module.net, pl_module.vocab, pl_module.kind)
         text = model.sample(self.prime, self.length, self.temperature, seed=self.seed)

@@ -17,7 +17,7 @@ from torch import nn
 from charlm import nets
 from charlm.data import limited
 from charlm.errors import CharlmError
-from charlm.metrics import TokenNLL
+from charlm.metrics import PositionBits, TokenNLL
 from charlm.optim import clip_grad_norm
 from charlm.symbols import Symbols, kind
 
@@ -67,6 +67,8 @@ class LanguageModel(L.LightningModule):
         # ModuleDict keys may not shadow Module attributes such as .train, hence the suffix; no NaN
         # check inside the metric (a host sync every step): divergence is caught in training_step.
         self.nll = torch.nn.ModuleDict({f"{s}_nll": TokenNLL() for s in ("train", "valid", "test")})
+        self.valid_positions = PositionBits(self.kind, vocab)  # where a validation's bits go (charlm.inspect's table)
+        self.position_rows: list[dict] = []  # the last validation's, for callbacks.BitsByPosition
         self.train_state: Any = None
         self.eval_state: Any = None
         self.best_valid = math.inf  # of the headline figure
@@ -75,9 +77,10 @@ class LanguageModel(L.LightningModule):
     def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         return self.net(x, state)
 
-    def _nll(self, batch: tuple[torch.Tensor, torch.Tensor], state: Any,
-             penalty: bool = False) -> tuple[torch.Tensor, Any] | tuple[torch.Tensor, Any, torch.Tensor]:
-        """Mean NLL of a window and the state after it; with `penalty`, also AR + TAR of its last layer."""
+    def _nll(self, batch: tuple[torch.Tensor, torch.Tensor], state: Any, penalty: bool = False,
+             per_symbol: bool = False) -> tuple[torch.Tensor, Any] | tuple[torch.Tensor, Any, torch.Tensor]:
+        """Mean NLL of a window and the state after it; with `penalty`, also AR + TAR of its last layer; with
+        `per_symbol`, also each symbol's NLL, (batch, time)."""
         x, y = batch
         alpha, beta = self.hparams.ar_alpha, self.hparams.tar_beta
         if penalty and (alpha or beta):
@@ -85,7 +88,11 @@ class LanguageModel(L.LightningModule):
         else:
             logits, state = self.net(x, state)
         # (batch, time) logits, read time-major (for a time-major network, in place), as are the targets
-        nll = F.cross_entropy(logits.transpose(0, 1).flatten(0, 1).float(), y.t().flatten())
+        flat = logits.transpose(0, 1).flatten(0, 1).float(), y.t().flatten()
+        if per_symbol:
+            each = F.cross_entropy(*flat, reduction="none")
+            return each.mean(), state, each.view(y.size(1), y.size(0)).t()
+        nll = F.cross_entropy(*flat)
         if not penalty:
             return nll, state
         extra = torch.zeros((), device=nll.device)
@@ -164,7 +171,11 @@ class LanguageModel(L.LightningModule):
 
     # --- evaluation -----------------------------------------------------------------------------
     def _eval_step(self, split: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        loss, self.eval_state = self._nll(batch, self.eval_state)
+        if split == "valid":
+            loss, self.eval_state, each = self._nll(batch, self.eval_state, per_symbol=True)
+            self.valid_positions.update(*batch, each)
+        else:
+            loss, self.eval_state = self._nll(batch, self.eval_state)
         self.nll[f"{split}_nll"].update(loss, batch[1].numel())
 
     def on_validation_epoch_start(self) -> None:
@@ -176,7 +187,10 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             self.nll["valid_nll"].reset()
+            self.valid_positions.reset()
             return
+        self.position_rows = self.valid_positions.compute()
+        self.valid_positions.reset()
         if self.nll["train_nll"].update_called:  # the running train metrics of the epoch so far
             self._log_split("train", reset=False)
         value = self._log_split("valid")[self.headline]

@@ -26,6 +26,10 @@ class Symbols:
 
     name, unit, headline = "char", "chars", "bpc"
     start = EOS  # what a text begins after: the end of a line
+    space = SPACE  # what separates two words
+    # the kinds of position a predicted symbol takes, for the where-the-bits-go table (charlm.inspect)
+    positions = ("word start", "rest of word", "word boundary", "end of line", "digit or N", "punctuation")
+    number = "N"  # PTB's stand-in for a number
 
     def split(self, text: str) -> list[str]:
         """Plain text -> symbols: each line's words as their characters with `_` between two words, `<eos>`
@@ -38,6 +42,22 @@ class Symbols:
     def join(self, symbols: Sequence[str]) -> str:
         """Symbols -> plain text: `<eos>` becomes a newline, `_` a space."""
         return "".join("\n" if s == EOS else " " if s == SPACE else s for s in symbols)
+
+    def show(self, symbol: str) -> str:
+        """How one symbol reads in running text (the inspect page): a space, a newline, the symbol itself."""
+        return self.join([symbol])
+
+    def position(self, previous: str, symbol: str) -> str:
+        """The kind of position (one of `positions`) of `symbol` read after `previous`."""
+        if symbol == self.start:
+            return "end of line"
+        if symbol == self.space:
+            return "word boundary"
+        if symbol.isdigit() or symbol == self.number:
+            return self.positions[4]
+        if not symbol.isalpha():
+            return "punctuation"
+        return "word start" if previous in (self.space, self.start) else "rest of word"
 
     def figures(self, nll: float) -> dict[str, float]:
         """Mean NLL (nats per symbol) -> every figure reported for this kind; the headline among them."""
@@ -53,6 +73,14 @@ class Symbols:
 
 class Words(Symbols):
     name, unit, headline = "word", "words", "ppl"
+    space = None
+    positions = ("word", "end of line", "N", "<unk>")
+
+    def show(self, symbol: str) -> str:
+        return "\n" if symbol == EOS else symbol + " "
+
+    def position(self, previous: str, symbol: str) -> str:
+        return "end of line" if symbol == EOS else symbol if symbol in ("N", "<unk>") else "word"
 
     def split(self, text: str) -> list[str]:
         return tokenize(text)
@@ -77,7 +105,8 @@ class Words(Symbols):
 
 class Text(Symbols):
     name = "text"
-    start = "\n"
+    start, space, number = "\n", " ", None
+    positions = ("word start", "rest of word", "word boundary", "end of line", "digit", "punctuation")
 
     def split(self, text: str) -> list[str]:
         return list(text)

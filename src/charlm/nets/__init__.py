@@ -12,6 +12,8 @@ checkpoints and never looks inside. What more a network offers is optional, foun
   in eval mode; charlm.load's one-symbol queries and sampling use it, else they call forward on one step;
 - `forward(..., outputs=True)` returning a third item, the last layer's output before and after its dropout,
   (time, batch, width) each: what AWD-LSTM's activation regularisers (loss.ar_alpha, loss.tar_beta) need;
+- `cell_states(x, state) -> (logits, state, cells)` in eval mode, cells (batch, time, units): every
+  layer's cell state after each step, for charlm.inspect's cell strips (charlm.nets.cells);
 - parameters named `embed.*` and `decoder.*` stay on AdamW under optimizer=muon; other matrices take Muon.
 """
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from charlm.nets.cells import stepped
 from charlm.nets.dropout import StackDropout
 
 # The carried state: every layer's h and every layer's c, each (1, batch, its width); layers may differ in width.
@@ -82,6 +83,10 @@ class LSTMLM(StackDropout, nn.Module):
             cs.append(c[None])
             x = h
         return self.decoder(x), (tuple(hs), tuple(cs))
+
+    def cell_states(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """forward in eval mode, with every layer's cell state after each step: (batch, time, units)."""
+        return stepped(self, x, state, lambda s: s[1])
 
     def _masks(self, steps_batch: torch.Size) -> dict:
         """A training step's masks (StackDropout): layer inputs, output, embedding, hidden-to-hidden weights."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm.nets.cells import stepped
 from charlm.nets.dropout import StackDropout
 
 # The carried state: every layer's h and every layer's c, each (1, batch, its width).
@@ -138,6 +139,10 @@ class MogrifierLM(StackDropout, nn.Module):
             hs.append(h[None])
             cs.append(c[None])
         return self.decoder(x[0]), {"h": tuple(hs), "c": tuple(cs)}
+
+    def cell_states(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """forward in eval mode, with every layer's cell state after each step: (batch, time, units)."""
+        return stepped(self, x, state, lambda s: s["c"])
 
     def _layer_state(self, state: State | None, k: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer k's h and c, (batch, width), zeros at the start."""
