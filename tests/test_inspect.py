@@ -67,6 +67,9 @@ def test_the_pages_mean_is_evaluates_bpc_and_states_give_cell_strips(name, check
     assert len(shown["ids"]) == 400 and len(shown["bits"]) == scored["symbols"] == 399
     assert np.mean(shown["bits"]) == pytest.approx(scored["bpc"], abs=1e-4)
     assert f"mean {scored['bpc']:.4f} bits per char" in out.read_text()  # the page's own summary line
+    table = scored["positions"]  # evaluate's where-the-bits-go, over the same symbols
+    assert sum(r["symbols"] for r in table) == 399
+    assert sum(r["symbols"] * r["mean_bits"] for r in table) / 399 == pytest.approx(scored["bpc"], abs=1e-9)
     assert len(shown["guesses"]) == len(shown["probs"]) == 5 * 399
     html = out.read_text()
     assert "Where the bits go" in html and "word start" in html and "http" not in html.replace("http-equiv", "")

@@ -25,6 +25,7 @@ from torch import nn
 from charlm import checkpoint, nets
 from charlm.data import Vocab, batchify
 from charlm.errors import CharlmError
+from charlm.metrics import PositionBits
 from charlm.symbols import Symbols, kind
 
 CHUNK_VALUES = 1 << 22  # logits held at once while scoring (16 MiB of float32): bounds chunk length x batch x V
@@ -112,10 +113,11 @@ class Model:
 
     # whole texts
     def score(self, text: str | Sequence[str], batch_size: int = 1, dynamic: Dynamic | None = None,
-              max_chunk: int = MAX_CHUNK) -> dict:
+              max_chunk: int = MAX_CHUNK, positions: bool = False) -> dict:
         """Mean NLL over every predicted symbol of `text` (all but the first of each of `batch_size`
         contiguous streams), the hidden state carried from start to end, accumulated in float64.
-        Returns the kind's figures (nll, bpc, ...), plus `symbols`, the number predicted.
+        Returns the kind's figures (nll, bpc, ...), plus `symbols`, the number predicted; with `positions`,
+        also where the bits go by kind of position (metrics.PositionBits' rows).
         Without `dynamic`, the text goes through the network in chunks of at most `max_chunk` steps (fewer
         where a chunk's logits would pass CHUNK_VALUES): the result is the same, up to rounding, whatever it is."""
         ids = self.encode(text)
@@ -123,8 +125,9 @@ class Model:
             raise CharlmError(f"{len(ids)} symbols are too few to score at batch size {batch_size}: "
                               f"each of the {batch_size} streams needs at least 2")
         streams = batchify(ids, batch_size).to(self.device)
-        total, count = self._dynamic_nll(streams, dynamic) if dynamic else self._nll(streams, max_chunk)
-        return {**self.kind.figures(total / count), "symbols": count}
+        table = PositionBits(self.kind, self.vocab.symbols).to(self.device) if positions else None
+        total, count = self._dynamic_nll(streams, dynamic, table) if dynamic else self._nll(streams, max_chunk, table)
+        return {**self.kind.figures(total / count), "symbols": count, **({"positions": table.compute()} if table else {})}
 
     def read(self, streams: torch.Tensor, max_chunk: int = MAX_CHUNK,
              cells: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -145,14 +148,20 @@ class Model:
                     logp = F.log_softmax(logits.float(), -1)
                 yield y, logp, c
 
-    def _nll(self, streams: torch.Tensor, max_chunk: int = MAX_CHUNK) -> tuple[float, int]:
-        """Sum of NLL over batched streams, one fused network call per chunk of up to `max_chunk` steps."""
+    def _nll(self, streams: torch.Tensor, max_chunk: int = MAX_CHUNK, table: PositionBits | None = None) -> tuple[float, int]:
+        """Sum of NLL over batched streams, one fused network call per chunk of up to `max_chunk` steps;
+        each symbol's added to `table` where given."""
         total = torch.zeros((), dtype=torch.float64, device=streams.device)
+        start = 0
         for y, logp, _ in self.read(streams, max_chunk):
-            total -= logp.gather(-1, y[..., None]).double().sum()
+            nll = -logp.gather(-1, y[..., None])[..., 0]
+            total += nll.double().sum()
+            if table is not None:
+                table.update(streams[:, start : start + y.size(1)], y, nll)
+            start += y.size(1)
         return float(total), streams[:, 1:].numel()
 
-    def _dynamic_nll(self, streams: torch.Tensor, dyn: Dynamic) -> tuple[float, int]:
+    def _dynamic_nll(self, streams: torch.Tensor, dyn: Dynamic, table: PositionBits | None = None) -> tuple[float, int]:
         """Score each segment with the weights adapted on all segments before it, then adapt on it."""
         if not (dyn.lr > 0 and dyn.segment_len >= 1 and 0 <= dyn.decay < 1):
             raise CharlmError(f"dynamic evaluation needs lr > 0, segment_len >= 1 and 0 <= decay < 1, got {dyn}")
@@ -166,6 +175,8 @@ class Model:
             logits, state = net(x[:, : y.size(1)], state)
             nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
             total += nll.detach().double().sum()
+            if table is not None:
+                table.update(x[:, : y.size(1)], y, nll.detach().view_as(y))
             opt.zero_grad(set_to_none=True)
             nll.mean().backward()
             opt.step()

@@ -4,7 +4,8 @@
                                    [--dynamic [--dynamic-lr X] [--segment-len N] [--dynamic-decay L]]
                                    [--limit N] [--output JSON]
 
-Batch size 1 is the course's and the literature's protocol; N > 1 scores N contiguous streams side by side
+It prints and writes the figures (nll, bpc, ...) and where the bits go by kind of position (word start,
+rest of word, ...). Batch size 1 is the course's and the literature's protocol; N > 1 scores N contiguous streams side by side
 (faster; each stream's first symbol is not predicted, and the last len % N symbols are dropped).
 """
 
@@ -20,6 +21,7 @@ from charlm import api, ptb
 from charlm.cli import Parser, number, run
 from charlm.errors import CharlmError
 from charlm.files import write_json
+from charlm.metrics import position_markdown
 from charlm.symbols import kind
 
 
@@ -73,7 +75,7 @@ def evaluate(args) -> dict:
     tokens = split_tokens(data_dir, model.kind.name, args.split, args.limit)
     dynamic = api.Dynamic(args.dynamic_lr, args.segment_len, args.dynamic_decay) if args.dynamic else None
     started = time.perf_counter()
-    scores = model.score(tokens, batch_size=args.batch_size, dynamic=dynamic)
+    scores = model.score(tokens, batch_size=args.batch_size, dynamic=dynamic, positions=True)
     seconds = time.perf_counter() - started
     return {"checkpoint": str(Path(args.checkpoint).resolve()), "level": model.kind.name, "split": args.split,
             "batch_size": args.batch_size, "limit": args.limit, "dynamic": vars(dynamic) if dynamic else None, **scores,
@@ -97,6 +99,7 @@ def body(args) -> None:
     how = f"batch {args.batch_size}" + (f", dynamic lr {args.dynamic_lr} every {args.segment_len}" if args.dynamic else "")
     print(f"{args.split}: {result['symbols']} symbols predicted ({how}) in {result['seconds']:.1f} s")
     print("  ".join(f"{k} {result[k]:.6f}" for k in kind(result["level"]).figures(result["nll"])))
+    print(position_markdown(result["positions"]))
     print(f"json: {path}")
 
 

@@ -150,7 +150,7 @@ function show(span) {
     }
     h += "</table>";
   }
-  if (cells && i < P) h += strips.map(u => "unit " + u + ": " + (cells[u * P + i] / 127 * D.scales[u]).toFixed(2)).join(", ");
+  if (cells && i < P) h += [...new Set(strips)].map(u => "unit " + u + ": " + (cells[u * P + i] / 127 * D.scales[u]).toFixed(2)).join(", ");
   tip.innerHTML = h; tip.style.display = "block";
   const r = span.getBoundingClientRect();
   tip.style.left = Math.min(r.left, window.innerWidth - tip.offsetWidth - 8) + "px";
