@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from charlm import cache as token_cache
 from charlm import ptb
 from charlm.errors import CharlmError
+from charlm.files import read_text
 from charlm.symbols import KINDS, Symbols
 
 
@@ -259,18 +260,8 @@ class TextDataModule(StreamDataModule):
 
     def read_text(self) -> str:
         """The file's exact characters (no newline translation)."""
-        try:
-            text = self.path.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise CharlmError(f"data.path={self.path} does not exist; set data.path to a UTF-8 text file") from None
-        except IsADirectoryError:
-            raise CharlmError(f"data.path={self.path} is a directory; set data.path to a UTF-8 text file") from None
-        except UnicodeDecodeError as e:
-            raise CharlmError(f"data.path={self.path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                              f"convert it to UTF-8") from None
-        if not text.strip():
-            raise CharlmError(f"data.path={self.path} is empty; set data.path to a text to train on")
-        return text
+        return read_text(self.path, f"data.path={self.path}", "set data.path to a UTF-8 text file",
+                         empty="set data.path to a text to train on")
 
     def split(self, text: str) -> dict[str, tuple[int, str]]:
         """Each split's offset in the text and its characters: train, valid, test, contiguous and in order."""

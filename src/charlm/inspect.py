@@ -23,6 +23,7 @@ from charlm import api, page, ptb
 from charlm.cli import Parser, number, run
 from charlm.errors import CharlmError
 from charlm.evaluate import run_data_dir, split_tokens
+from charlm.files import read_text
 from charlm.metrics import PositionBits
 from charlm.symbols import Symbols
 
@@ -113,14 +114,7 @@ def parser() -> Parser:
 
 def text_symbols(model: api.Model, path: Path, limit: int | None) -> list[str]:
     """The symbols of a text file, each one checked: an unknown one is named with its line and column."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CharlmError(f"{path} does not exist; pass --text with a text file") from None
-    except UnicodeDecodeError as e:
-        raise CharlmError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    if not text.strip():
-        raise CharlmError(f"{path} is empty; give --text a file with at least two symbols")
+    text = read_text(path, str(path), "pass --text a UTF-8 text file", empty="give --text a file with at least two symbols")
     symbols = model.symbols(text)[:limit]
     line, column = 1, 0
     for s in symbols:

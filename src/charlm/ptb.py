@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from charlm.errors import CharlmError
-from charlm.files import atomic_write
+from charlm.files import atomic_write, read_text
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -123,13 +123,6 @@ def verify(data_dir: Path, digests: dict[str, str]) -> None:
 
 
 def read_tokens(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CharlmError(f"{path} does not exist; set paths.data_dir (or CHARLM_DATA_DIR) to the PTB files") from None
-    except UnicodeDecodeError as e:
-        raise CharlmError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); replace it") from None
-    tokens = tokenize(text)
-    if not tokens:
-        raise CharlmError(f"{path} is empty; replace it with the real file (MD5 {MD5.get(path.name, '?')})")
-    return tokens
+    text = read_text(path, str(path), "set paths.data_dir (or CHARLM_DATA_DIR) to the PTB files",
+                     empty=f"replace it with the real file (MD5 {MD5.get(path.name, '?')})")
+    return tokenize(text)
