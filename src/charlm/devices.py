@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,7 +112,8 @@ def claim(cfg: DictConfig) -> Iterator:
         yield None
         return
     ids = pool_ids(pool.ids, pool.cpu_jobs)
-    lock_dir = Path(pool.lock_dir or Path(HydraConfig.get().sweep.dir) / ".devices")
+    # a host's own devices: nodes that share a sweep directory (one study from several nodes) do not share locks
+    lock_dir = Path(pool.lock_dir or Path(HydraConfig.get().sweep.dir) / ".devices" / socket.gethostname())
     threads = max(1, cpu_count() // len(ids))
     with hold(ids, lock_dir) as device:
         acquired = time.time()

@@ -2,26 +2,34 @@
 
 Each trial is one sweep job: Optuna's ask-and-tell API asks for a trial's values, the configured Hydra
 launcher runs the job (basic, `parallel`, `slurm`), and its best valid figure (bpc for characters,
-perplexity for words) is told back. The study lives in a database (SQLite `<sweep dir>/optuna.db` unless
-`hydra.sweeper.storage` names another), so the same command run again continues it: a trial killed with its
-sweeper is marked failed and asked again with the same values, and its job, found by its overrides,
-resumes from its last.ckpt (charlm.sweep). hydra-optuna-sweeper, the field's plugin, requires optuna < 3,
-whose SQLite storage fails on SQLAlchemy 2: hence this thin sweeper over current Optuna.
+perplexity for words) is told back. Each slot of the launcher (a device of the parallel pool, a SLURM job)
+asks for its next trial as soon as its own ends, with every result so far: no slot waits for another's.
+The study lives in a database (SQLite `<sweep dir>/optuna.db` unless `hydra.sweeper.storage` names another,
+PostgreSQL for several nodes), so the same command run again, or on another node, continues it. Running
+trials send heartbeats to it; one whose sweeper and job died, on any host, is failed by the next ask of any
+sweeper of the study and asked again with the same values, so its job, found by its overrides, resumes from
+its last.ckpt (charlm.sweep). hydra-optuna-sweeper, the field's plugin, requires optuna < 3, whose SQLite
+storage fails on SQLAlchemy 2: hence this thin sweeper over current Optuna.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
+import threading
+import time
+import warnings
+import zlib
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from charlm.errors import CharlmError
-from charlm.files import write_json
-from charlm.sweep import PRUNED, SEARCH, pid_alive
+from charlm.files import atomic_write, write_json
+from charlm.sweep import PRUNED, SEARCH
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +39,104 @@ def storage_url(storage: str | None, sweep_dir: str | Path) -> str:
     return storage or f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
 
 
-def open_storage(url: str):
+def shown(url: str) -> str:
+    """A storage URL as logs show it: without its password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 max_retry: int | None = None):
+    """The study's storage; with `heartbeat_interval`, a trial whose heartbeat is `grace_period` s old is
+    failed by `fail_stale` and enqueued again with its values (at most `max_retry` times)."""
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    # the heartbeat has been Optuna's since 2.9, still marked experimental; Optuna's warning at each ask is for
+    # Study.optimize, which records heartbeats itself: here the sweeper does (class Heartbeat)
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    # parallel jobs write to one SQLite file: wait for its lock rather than fail at once
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    beat = {}
+    if heartbeat_interval is not None:
+        for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise CharlmError(f"hydra.sweeper.{name}={value}: give whole seconds, at least 1 (or null)")
+        beat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
+                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)}
+    try:
+        return created(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beat))
+    except ImportError:
+        raise CharlmError(f"the study's storage {shown(url)} needs a database driver that is not installed; for "
+                          f"PostgreSQL: pip install -e '.[postgres]'") from None
+
+
+def created(open_, tries: int = 6):
+    """open_() again while it fails: sweepers started together on a new database both create Optuna's tables,
+    and the one that loses that race (a duplicate type or row) finds them made when it tries again."""
+    import sqlalchemy.exc
+
+    for attempt in range(tries):
+        try:
+            return open_()
+        except sqlalchemy.exc.DBAPIError as e:
+            if attempt == tries - 1:
+                reason = str(e.orig or e).strip().splitlines()[0]
+                raise CharlmError(f"the study's storage cannot be opened: {reason}") from None
+            log.debug(f"the study's tables were not ready ({type(e).__name__}): tried again")
+            time.sleep(0.5 * (attempt + 1))
+
+
+class Heartbeat:
+    """Records a heartbeat of each trial it holds in the storage every `interval` s, from a daemon thread (the
+    first at once: Optuna never judges a trial without one). A trial whose heartbeats stop, its sweeper and
+    its job dead on whichever host, is failed by any sweeper of the study once `grace_period` s pass."""
+
+    def __init__(self, storage, interval: int | None) -> None:
+        self.storage, self.interval = storage, interval
+        self.ids: set[int] = set()
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def add(self, trial_id: int) -> None:
+        if not self.interval:
+            return
+        self.storage.record_heartbeat(trial_id)
+        with self.lock:
+            self.ids.add(trial_id)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.beat, name="optuna heartbeat", daemon=True)
+                self.thread.start()
+
+    def discard(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.discard(trial_id)
+
+    def beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            with self.lock:
+                ids = sorted(self.ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as e:  # the database away for a moment: the next beat tries again
+                    log.warning(f"no heartbeat recorded for trial id {trial_id}: {e}")
+
+    def close(self) -> None:
+        self.stopped.set()
+
+
+def fail_stale(study) -> None:
+    """Fail the study's trials whose heartbeat stopped and enqueue them again (the storage's callback); two
+    sweepers doing it at once fail and enqueue each trial once (the storage changes a trial's state once)."""
     import optuna
 
-    # parallel jobs write to one SQLite file: wait for its lock rather than fail at once
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    try:
+        optuna.storages.fail_stale_trials(study)
+    except optuna.exceptions.StorageInternalError as e:  # SQLite busy with another sweeper's writes: next ask
+        log.debug(f"stale trials not checked now: {e}")
 
 
 def distribution(name: str, value):
@@ -96,63 +196,100 @@ class OptunaSearch:
         import optuna
 
         s = self.settings
-        study = optuna.create_study(storage=open_storage(storage_url(s.storage, sweep_dir)),
-                                    study_name=s.study_name or sweep_dir.name, direction=s.direction,
+        storage = open_storage(storage_url(s.storage, sweep_dir), s.get("heartbeat_interval"), s.get("grace_period"),
+                               s.get("max_retry"))
+        study = optuna.create_study(storage=storage, study_name=s.study_name or sweep_dir.name, direction=s.direction,
                                     pruner=hydra_instantiate(s.pruner), load_if_exists=True)
-        # seeded anew from the trials it holds, so a continued study does not repeat its first random trials
-        seed = (s.seed or 0) + len(study.trials)
+        # seeded anew from the trials it holds, so a continued study does not repeat its first random trials, and
+        # from this sweeper's host and pid, so that sweepers started together on one study do not ask the same
+        seed = zlib.crc32(f"{s.seed or 0} {len(study.trials)} {socket.gethostname()} {os.getpid()}".encode())
         study.sampler = hydra_instantiate(s.sampler, seed=seed)
-        return study
+        return study, storage
 
-    def continue_killed(self, study) -> None:
-        """Trials of an earlier sweeper of this host that died with it (still RUNNING, their pid gone):
-        marked failed, and their values asked again first, so their jobs resume from their last.ckpt."""
-        import optuna
-
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            attrs = trial.user_attrs
-            if attrs.get("host") != socket.gethostname() or pid_alive(attrs.get("pid")):
-                continue  # another host's sweeper, or a live one: not ours to judge
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"continues": trial.number})
-            log.info(f"trial {trial.number} was killed with its sweeper: marked failed, its values asked again")
+    def slots(self) -> int:
+        """Trials at a time: n_jobs, or one on the basic launcher, which runs its jobs in this process."""
+        n = int(self.settings.n_jobs)
+        if n < 1:
+            raise CharlmError(f"hydra.sweeper.n_jobs={n}: give at least 1")
+        if n > 1 and type(self.launcher).__name__ == "BasicLauncher":  # Hydra's own, in a private module
+            log.info(f"hydra.sweeper.n_jobs={n} on the basic launcher, which runs one job at a time in this "
+                     f"process: 1 at a time (hydra/launcher=parallel runs several)")
+            return 1
+        return n
 
     def sweep(self, arguments: list[str], validate) -> list:
-        """Add n_trials trials to the study, n_jobs at a time; `validate` composes a batch's configs first."""
-        import optuna
-
+        """Add n_trials trials to the study, each slot taking the next as soon as its own ends; `validate`
+        composes a trial's config before its job is launched."""
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        atomic_write(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config).encode())  # several sweepers
         fixed, space = self.split(arguments)
-        study = self.open_study(sweep_dir)
-        self.continue_killed(study)
-        todo, returns = int(self.settings.n_trials), []
-        log.info(f"study {study.study_name} ({storage_url(self.settings.storage, sweep_dir)}): {len(study.trials)} "
-                 f"trials so far, {todo} to add, {self.settings.n_jobs} at a time")
-        while todo > 0:
-            trials = [study.ask(space) for _ in range(min(int(self.settings.n_jobs), todo))]
-            batch = []
-            for trial in trials:
-                overrides = [*fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items()),
-                             f"trial={trial.number}"]
-                trial.set_user_attr("overrides", overrides[:-1])
-                trial.set_user_attr("host", socket.gethostname())
-                trial.set_user_attr("pid", os.getpid())
-                batch.append(overrides)
+        study, storage = self.open_study(sweep_dir)
+        slots = self.slots()
+        log.info(f"study {study.study_name} ({shown(storage_url(self.settings.storage, sweep_dir))}): "
+                 f"{len(study.trials)} trials so far, {self.settings.n_trials} to add, {slots} at a time")
+        run = Slots(study, storage, fixed, space, validate, sweep_dir, int(self.settings.n_trials),
+                    Heartbeat(storage, self.settings.get("heartbeat_interval")))
+        threads = [threading.Thread(target=self.slot, args=(run,), name=f"slot {i}", daemon=True)
+                   for i in range(1, slots)]
+        try:
+            for thread in threads:
+                thread.start()
+            self.slot(run)  # slot 0 in this thread: signals reach a job that the basic launcher runs here
+            for thread in threads:
+                thread.join()
+        finally:
+            run.heartbeat.close()
+        write_summary(study, fixed, sweep_dir)
+        if run.error is not None:
+            raise run.error
+        return run.returns
+
+    def slot(self, run: Slots) -> None:
+        """One slot's loop: ask for a trial (after failing the stale ones, so that their retries come first),
+        run its job, tell its result; until the launch's trials are all asked or a slot met an error, which
+        stops the others asking and is raised once their running trials end."""
+        try:
+            self.run_slot(run)
+        except Exception as e:
+            with run.lock:
+                run.error = run.error or e
+
+    def run_slot(self, run: Slots) -> None:
+        import optuna
+
+        while True:
+            with run.lock:
+                if run.todo <= 0 or run.error is not None:
+                    return
+                run.todo -= 1
+                fail_stale(run.study)
+                trial = run.study.ask(run.space)
+                overrides = [*run.fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items())]
+                trial.set_user_attr("overrides", overrides)
+                trial.set_user_attr("sweeper", f"{socket.gethostname()}:{os.getpid()}")
+                tid = trial_id(run.storage, run.study, trial.number)
+                run.heartbeat.add(tid)
+                overrides = [*overrides, f"trial={trial.number}"]
+                try:
+                    run.validate([overrides])
+                except Exception:
+                    run.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    run.heartbeat.discard(tid)
+                    raise
             try:
-                validate(batch)
-            except Exception:
-                for trial in trials:
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                wait_for_twin(run.study, trial, overrides[:-1], run.heartbeat.interval or 10)
+                (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
+            except Exception:  # the launcher's own failure (its job's process killed, the cluster gone)
+                with run.lock:
+                    run.heartbeat.discard(tid)
+                    retry(run.study, run.storage, trial, tid)
                 raise
-            results = self.launcher.launch(batch, initial_job_idx=trials[0].number)
-            for trial, result in zip(trials, results):
-                self.tell(study, trial, result)
-            returns.append(results)
-            write_json(sweep_dir / SEARCH, summary(study, fixed))
-            todo -= len(trials)
-        return returns
+            with run.lock:
+                run.heartbeat.discard(tid)
+                self.tell(run.study, trial, result)
+                run.returns.append([result])
+                write_summary(run.study, run.fixed, run.sweep_dir)
 
     @staticmethod
     def tell(study, trial, result) -> None:
@@ -160,18 +297,83 @@ class OptunaSearch:
         from hydra.core.utils import JobStatus
 
         run_dir = Path(result.hydra_cfg.hydra.runtime.output_dir) if result.hydra_cfg is not None else None
-        if run_dir is not None:
-            trial.set_user_attr("dir", str(run_dir))
         value = result.return_value if result.status == JobStatus.COMPLETED else None
-        if run_dir is not None and (run_dir / PRUNED).is_file():
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            log.info(f"trial {trial.number}: pruned")
-        elif isinstance(value, (int, float)) and value == value:
-            study.tell(trial, value)
-            log.info(f"trial {trial.number}: {value:.4f} (best {study.best_value:.4f}, trial {study.best_trial.number})")
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            log.info(f"trial {trial.number}: failed (its metrics.json says why)")
+        try:
+            if run_dir is not None:
+                trial.set_user_attr("dir", str(run_dir))
+            if run_dir is not None and (run_dir / PRUNED).is_file():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                log.info(f"trial {trial.number}: pruned")
+            elif isinstance(value, (int, float)) and value == value:
+                study.tell(trial, value)
+                log.info(f"trial {trial.number}: {value:.4f} (best {study.best_value:.4f}, trial {study.best_trial.number})")
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                log.info(f"trial {trial.number}: failed (its metrics.json says why)")
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+            if not study.get_trials(deepcopy=False)[trial.number].state.is_finished():
+                raise
+            log.warning(f"trial {trial.number} was failed while it ran, its heartbeat stopped for grace_period s, and "
+                        f"asked again: its job's result goes to that trial ({e})")
+
+
+class Slots:
+    """What the slots of one sweeper share, under `lock`: the study, the trials left to ask, their results,
+    the first error, and the heartbeat of their running trials."""
+
+    def __init__(self, study, storage, fixed, space, validate, sweep_dir: Path, todo: int, heartbeat: Heartbeat) -> None:
+        self.study, self.storage, self.fixed, self.space, self.validate = study, storage, fixed, space, validate
+        self.sweep_dir = sweep_dir
+        self.todo, self.heartbeat = todo, heartbeat
+        self.returns: list = []
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+
+
+def wait_for_twin(study, trial, overrides: list[str], poll_s: float) -> None:
+    """Wait while an earlier trial with the same overrides runs (a categorical space asks a combination
+    again, maybe on another node): two jobs must not share a directory. The job then finds that directory's
+    result and returns it, or resumes it if that trial died."""
+    import optuna
+
+    said = False
+    while True:
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        twin = next((t for t in running if t.number < trial.number and t.user_attrs.get("overrides") == overrides), None)
+        if twin is None:
+            return
+        if not said:
+            log.info(f"trial {trial.number} has the values of trial {twin.number}, still running: it waits for it")
+            said = True
+        time.sleep(poll_s)
+        fail_stale(study)  # a twin whose sweeper died is failed, not waited for
+
+
+def trial_id(storage, study, number: int) -> int:
+    """The storage's id of the study's trial `number` (what heartbeats are recorded by)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
+def retry(study, storage, trial, tid: int) -> None:
+    """Fail a trial whose job the launcher lost, and enqueue its values again, as a stale trial's are."""
+    import optuna
+
+    try:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    except (ValueError, RuntimeError):  # already failed by a sweeper, which enqueued it
+        return
+    callback = storage.get_heartbeat_stale_trial_callback() if hasattr(storage, "get_heartbeat_stale_trial_callback") else None
+    if callback is not None:
+        callback(study, storage.get_trial(tid))
+        log.info(f"trial {trial.number}: its job was lost; its values are asked again by the next ask")
+
+
+def write_summary(study, fixed: list[str], sweep_dir: Path) -> None:
+    """search.json from the study as it is now: read and written under a lock, so that of several sweepers
+    of the study the last writer has read every result before it; atomic, never half-written."""
+    with open(sweep_dir / ".search.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_json(sweep_dir / SEARCH, summary(study, fixed))
 
 
 def hydra_instantiate(node, **kwargs):
@@ -187,7 +389,7 @@ def summary(study, fixed: list[str]) -> dict:
 
     frozen = study.get_trials(deepcopy=False)
     trials = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
-               "dir": t.user_attrs.get("dir")} for t in frozen]
+               "dir": t.user_attrs.get("dir"), "retry_of": t.system_attrs.get("failed_trial")} for t in frozen]
     result = {"study": study.study_name, "direction": study.direction.name.lower(), "trials": trials, "best": None}
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in frozen):
         best = study.best_trial
@@ -198,31 +400,48 @@ def summary(study, fixed: list[str]) -> dict:
 
 
 class PruneTrial(L.Callback):
-    """Reports each validation's figure to the job's Optuna trial and stops the job when the study's pruner
-    says its curve is clearly behind (optuna-integration's PyTorchLightningPruningCallback needs the trial
-    object in the same process; a sweep's job runs in a process of the launcher's). A stopped job writes
-    pruned.json and ends as completed, with its best figure so far; a run outside a search does nothing."""
+    """The job's side of its Optuna trial. It reports each validation's figure to the trial and stops the job
+    when the study's pruner says its curve is clearly behind (optuna-integration's
+    PyTorchLightningPruningCallback needs the trial object in the same process; a sweep's job runs in a
+    process of the launcher's): a stopped job writes pruned.json and ends as completed, with its best figure
+    so far. While the job trains it records the trial's heartbeat too, so that a job that outlives its sweeper
+    (a SLURM job) keeps its trial from being retried beside it. A run outside a search does nothing."""
 
     def __init__(self, trial: int | None, storage: str | None, sweep_dir: str, study_name: str | None,
-                 pruner=None) -> None:
+                 pruner=None, heartbeat_interval: int | None = None) -> None:
         self.trial_number, self.url = trial, storage_url(storage, sweep_dir)
         self.study_name, self.pruner = study_name or Path(sweep_dir).name, pruner
-        self.trial = None
+        self.heartbeat_interval = heartbeat_interval
+        self.trial, self.heartbeat, self.reported_out = None, None, False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.trial_number is None or stage != "fit" or self.trial is not None:
+        if self.trial_number is None:
+            return
+        if self.trial is None:
+            import optuna
+
+            self.storage = open_storage(self.url)
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage,
+                                      pruner=hydra_instantiate(self.pruner))
+            self.trial_id = trial_id(self.storage, study, int(self.trial_number))
+            self.trial = optuna.trial.Trial(study, self.trial_id)
+        if trainer.is_global_zero and self.heartbeat_interval and self.heartbeat is None:
+            self.heartbeat = Heartbeat(self.storage, self.heartbeat_interval)  # through fit and test alike
+            self.heartbeat.add(self.trial_id)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+            self.heartbeat = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.trial is None or trainer.sanity_checking or not trainer.is_global_zero or self.reported_out:
             return
         import optuna
 
-        storage = open_storage(self.url)
-        study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=hydra_instantiate(self.pruner))
-        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study_name),
-                                                                   int(self.trial_number))
-        self.trial = optuna.trial.Trial(study, trial_id)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if self.trial is None or trainer.sanity_checking or not trainer.is_global_zero:
-            return
         key = f"valid/{pl_module.kind.headline}"
         if key not in trainer.callback_metrics:
             return
@@ -230,9 +449,13 @@ class PruneTrial(L.Callback):
         # the step as the per cent of the run's steps done: trials of other BPTT lengths or batch sizes (other
         # step counts for the same data) are compared at the same point of their budget
         done = round(100 * trainer.global_step / max(trainer.estimated_stepping_batches, 1))
-        self.trial.report(value, step=done)
+        try:
+            self.trial.report(value, step=done)
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale by a sweeper: its retry reports
+            log.warning(f"trial {self.trial_number} is no longer running in the study: not reported")
+            self.reported_out = True
+            return
         if self.trial.should_prune():
             write_json(Path(trainer.default_root_dir) / PRUNED, {"step": trainer.global_step, key: value})
             log.info(f"trial {self.trial_number} pruned at {done} % of its steps ({key} {value:.4f})")
             trainer.should_stop = True
-
