@@ -132,6 +132,13 @@ def test_evaluate_at_the_training_batch_size_reproduces_training_validation(trai
     assert json.loads(out.read_text())["nll"] == pytest.approx(logged["nll"], abs=1e-5)
 
 
+def test_evaluate_finds_the_data_the_run_trained_on_without_being_told(trained, tmp_path, monkeypatch):
+    monkeypatch.delenv("CHARLM_DATA_DIR", raising=False)  # the run's data directory, not the environment's now
+    assert json.loads((trained.run / "metrics.json").read_text())["data_dir"] == str(trained.data.resolve())
+    assert evaluate.main([str(trained.ckpt), "--output", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["symbols"] == len(valid_symbols(trained.data)) - 1
+
+
 def test_evaluate_writes_json_beside_the_checkpoint_by_default(trained, tmp_path):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(trained.ckpt.read_bytes())

@@ -11,6 +11,7 @@ rest of word, ...). Batch size 1 is the course's and the literature's protocol; 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,9 +47,15 @@ def parser() -> Parser:
 
 
 def run_data_dir(checkpoint: str) -> Path | None:
-    """The data directory of the run that wrote `checkpoint` (<run>/checkpoints/*.ckpt), as its saved config
-    resolves it (paths.data_dir); None for a checkpoint outside a run directory."""
-    saved = Path(checkpoint).expanduser().resolve().parent.parent / ".hydra" / "config.yaml"
+    """The data directory of the run that wrote `checkpoint` (<run>/checkpoints/*.ckpt): as the run resolved
+    it (its metrics.json), else as its saved config resolves it now (paths.data_dir, which may read the
+    environment); None for a checkpoint outside a run directory."""
+    run = Path(checkpoint).expanduser().resolve().parent.parent
+    try:
+        return Path(json.loads((run / "metrics.json").read_text())["data_dir"])
+    except (OSError, ValueError, KeyError, TypeError):  # no metrics.json, or one written before it held data_dir
+        pass
+    saved = run / ".hydra" / "config.yaml"
     if not saved.is_file():
         return None
     data_dir = OmegaConf.select(OmegaConf.load(saved), "data.data_dir", default=None)

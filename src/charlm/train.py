@@ -200,6 +200,8 @@ def fit(cfg: DictConfig) -> dict:
         for budget in (c for c in trainer.callbacks if isinstance(c, TimeBudget)):
             budget.started = clock  # the run's time counts from here, its data's loading included
         result["level"] = datamodule.kind.name
+        if getattr(datamodule, "data_dir", None) is not None:  # PTB's directory as this run resolved it (charlm.evaluate)
+            result["data_dir"] = str(Path(datamodule.data_dir).resolve())
         headline = datamodule.kind.headline  # bpc for characters, ppl for words
         training = True
         datamodule.vocab.save(run_dir / "vocab.json")
