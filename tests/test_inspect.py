@@ -215,3 +215,10 @@ def test_the_page_in_a_browser_shades_shows_guesses_and_calls_nowhere(checkpoint
         assert urls and all(u.startswith(("file:", "data:")) for u in urls), urls
     finally:
         browser.quit()
+
+
+def test_a_vocabulary_of_fewer_than_five_symbols_shows_them_all():
+    model = Model(nets.GRULM(3, hidden_size=8).eval(), list("ab "), "text")
+    reading = inspect.read(model, model.symbols("ab ba ab"))
+    assert reading.guesses.shape == (7, 3) and reading.cells is None  # a GRU exposes no cell states
+    assert '"top":3' in page.render(model, reading, [], "tiny")

@@ -61,7 +61,7 @@ def read(model: api.Model, symbols: list[str], max_chunk: int = api.MAX_CHUNK) -
     for y, logp, c in model.read(streams, max_chunk, cells=cells):
         lp, true = logp[0], logp[0].gather(-1, y[0][:, None])[:, 0]
         table.update(streams[:, start : start + y.size(1)], y, -true[None])
-        top = lp.topk(TOP, dim=-1)
+        top = lp.topk(min(TOP, lp.size(-1)), dim=-1)  # a vocabulary may hold fewer symbols
         parts["bits"].append(-true.double().cpu() / math.log(2))
         parts["guesses"].append(top.indices.cpu())
         parts["probs"].append(top.values.exp().cpu())
