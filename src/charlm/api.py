@@ -130,35 +130,34 @@ class Model:
         return {**self.kind.figures(total / count), "symbols": count, **({"positions": table.compute()} if table else {})}
 
     def read(self, streams: torch.Tensor, max_chunk: int = MAX_CHUNK,
-             cells: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+             cells: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Read batched streams (batch, length) of ids chunk by chunk, the state carried from start to end:
-        for each chunk, its targets (batch, steps), the log-probabilities of every symbol at each step
+        for each chunk, its inputs and targets (batch, steps) each, the log-probabilities of every symbol at each step
         (batch, steps, V) and, with `cells`, the network's per-step cell states (its `cell_states`), else None.
         Memory stays bounded however long the streams (chunks of at most `max_chunk` steps and CHUNK_VALUES)."""
         chunk = max(1, min(max_chunk, CHUNK_VALUES // (streams.size(0) * len(self.vocab))))
         state = None
         with self._eval():
             for start in range(0, streams.size(1) - 1, chunk):
-                x, y = streams[:, start : start + chunk], streams[:, start + 1 : start + chunk + 1]
+                y = streams[:, start + 1 : start + chunk + 1]
+                x = streams[:, start : start + y.size(1)]
                 with torch.no_grad():  # not held across the yield: the caller's code keeps its grad mode
                     if cells:
-                        logits, state, c = self.net.cell_states(x[:, : y.size(1)], state)
+                        logits, state, c = self.net.cell_states(x, state)
                     else:
-                        (logits, state), c = self.net(x[:, : y.size(1)], state), None
+                        (logits, state), c = self.net(x, state), None
                     logp = F.log_softmax(logits.float(), -1)
-                yield y, logp, c
+                yield x, y, logp, c
 
     def _nll(self, streams: torch.Tensor, max_chunk: int = MAX_CHUNK, table: PositionBits | None = None) -> tuple[float, int]:
         """Sum of NLL over batched streams, one fused network call per chunk of up to `max_chunk` steps;
         each symbol's added to `table` where given."""
         total = torch.zeros((), dtype=torch.float64, device=streams.device)
-        start = 0
-        for y, logp, _ in self.read(streams, max_chunk):
+        for x, y, logp, _ in self.read(streams, max_chunk):
             nll = -logp.gather(-1, y[..., None])[..., 0]
             total += nll.double().sum()
             if table is not None:
-                table.update(streams[:, start : start + y.size(1)], y, nll)
-            start += y.size(1)
+                table.update(x, y, nll)
         return float(total), streams[:, 1:].numel()
 
     def _dynamic_nll(self, streams: torch.Tensor, dyn: Dynamic, table: PositionBits | None = None) -> tuple[float, int]:

@@ -57,10 +57,9 @@ def read(model: api.Model, symbols: list[str], max_chunk: int = api.MAX_CHUNK) -
     table = PositionBits(model.kind, model.vocab.symbols).to(model.device)
     cells = hasattr(model.net, "cell_states")
     parts: dict[str, list] = {k: [] for k in ("bits", "guesses", "probs", "rank", "cells")}
-    start = 0
-    for y, logp, c in model.read(streams, max_chunk, cells=cells):
+    for x, y, logp, c in model.read(streams, max_chunk, cells=cells):
         lp, true = logp[0], logp[0].gather(-1, y[0][:, None])[:, 0]
-        table.update(streams[:, start : start + y.size(1)], y, -true[None])
+        table.update(x, y, -true[None])
         top = lp.topk(min(TOP, lp.size(-1)), dim=-1)  # a vocabulary may hold fewer symbols
         parts["bits"].append(-true.double().cpu() / math.log(2))
         parts["guesses"].append(top.indices.cpu())
@@ -68,7 +67,6 @@ def read(model: api.Model, symbols: list[str], max_chunk: int = api.MAX_CHUNK) -
         parts["rank"].append(((lp > true[:, None]).sum(-1) + 1).cpu())
         if c is not None:
             parts["cells"].append(c[0].float().cpu())
-        start += y.size(1)
     joined = {k: torch.cat(v).numpy() if v else None for k, v in parts.items()}
     return Reading(list(symbols), positions=table.compute(), **joined)
 

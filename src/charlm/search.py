@@ -362,7 +362,7 @@ def retry(study, storage, trial, tid: int) -> None:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     except (ValueError, RuntimeError):  # already failed by a sweeper, which enqueued it
         return
-    callback = storage.get_heartbeat_stale_trial_callback() if hasattr(storage, "get_heartbeat_stale_trial_callback") else None
+    callback = storage.get_heartbeat_stale_trial_callback()  # None without a heartbeat
     if callback is not None:
         callback(study, storage.get_trial(tid))
         log.info(f"trial {trial.number}: its job was lost; its values are asked again by the next ask")
