@@ -149,6 +149,15 @@ def test_same_seed_gives_identical_metrics(tiny_data, tmp_path):
     assert train_here(tmp_path / "c", *SMALL, "seed=7", data_dir=tiny_data)["valid"] != runs[0]["valid"]
 
 
+def test_last_checkpoint_holds_the_final_weights_when_the_last_validation_is_not_the_best(tiny_data, tmp_path):
+    run = tmp_path / "run"  # a learning rate too small to move a float32 weight: no validation beats the first
+    metrics = train_here(run, *SMALL, "trainer.max_epochs=2", "optimizer=adamw", "optimizer.lr=1e-30",
+                         data_dir=tiny_data)
+    best, last = (checkpoint.read(run / "checkpoints" / name) for name in ("best.ckpt", "last.ckpt"))
+    assert best["global_step"] < last["global_step"] == metrics["steps"]
+    assert last["epoch"] == 1  # the second epoch's
+
+
 def test_divergence_stops_at_once_and_keeps_the_best_checkpoint(tiny_data, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(CharlmError, match="^training diverged: the loss is nan at step 80 "):

@@ -269,9 +269,6 @@ def test_a_time_budget_ends_annealed_and_validated_inside_the_first_epoch(long_e
     assert len(lrs) >= 5 and lrs[0].value < max(x.value for x in lrs) > lrs[-1].value  # step-wise, one cycle
 
 
-# slow: under the default run's second worker (a browser, a search) its resumed run has ended a few steps before
-# its schedule's end; run alone it ends annealed
-@pytest.mark.slow
 def test_a_killed_budgeted_run_resumes_with_the_budget_it_has_left(long_epoch, tmp_path):
     import signal
     import subprocess
