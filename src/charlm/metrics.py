@@ -63,9 +63,16 @@ class PositionBits(Metric):
                 for name, b, n in zip(self.names, self.bits.tolist(), self.count.tolist()) if n]
 
 
+POSITION_COLUMNS = ("position", "symbols", "share", "mean bits", "share of bits")
+
+
+def position_cells(rows: list[dict]) -> list[list[str]]:
+    """The where-the-bits-go rows as the text of a table's cells, under POSITION_COLUMNS."""
+    return [[r["position"], f"{r['symbols']:,}", f"{r['share']:.1%}", f"{r['mean_bits']:.3f}", f"{r['share_of_bits']:.1%}"]
+            for r in rows]
+
+
 def position_markdown(rows: list[dict]) -> str:
-    """The where-the-bits-go rows as a Markdown table (TensorBoard's text tab, the docs)."""
-    lines = ["| position | symbols | share | mean bits | share of bits |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['position']} | {r['symbols']:,} | {r['share']:.1%} | {r['mean_bits']:.3f} | {r['share_of_bits']:.1%} |"
-              for r in rows]
-    return "\n".join(lines)
+    """The where-the-bits-go rows as a Markdown table (TensorBoard's text tab, charlm.evaluate)."""
+    lines = ["| " + " | ".join(POSITION_COLUMNS) + " |", "|---|---:|---:|---:|---:|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in position_cells(rows)])

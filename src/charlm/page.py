@@ -14,6 +14,8 @@ from string import Template
 
 import numpy as np
 
+from charlm.metrics import POSITION_COLUMNS, position_cells
+
 MAX_BITS = 8.0  # the shading's darkest: surprisal at or beyond 8 bits
 
 
@@ -44,9 +46,7 @@ def render(model, reading, tracked: list[dict], title: str) -> str:
         "top": reading.guesses.shape[1], "maxBits": MAX_BITS, "cells": cells, "scales": scales,
         "units": 0 if reading.cells is None else reading.cells.shape[1], "tracked": tracked,
     }
-    positions = table(["position", "symbols", "share", "mean bits", "share of bits"],
-                      [[r["position"], f"{r['symbols']:,}", f"{r['share']:.1%}", f"{r['mean_bits']:.3f}",
-                        f"{r['share_of_bits']:.1%}"] for r in reading.positions])
+    positions = table(list(POSITION_COLUMNS), position_cells(reading.positions))
     if reading.cells is None:
         units = f"<p>{html.escape(type(model.net).__name__)} exposes no per-step states (no <code>cell_states</code>): no cell strips.</p>"
     else:
@@ -128,8 +128,7 @@ if (cells) {
     (strips.length) + ". the unit picked below; blue is positive, red negative.";
   const pick = document.getElementById("pick"), input = document.getElementById("unit");
   pick.hidden = false; input.max = D.units - 1; input.value = strips[strips.length - 1];
-  const label = () => document.getElementById("unit-label").textContent = "(" + D.units + " units, layer by layer)";
-  label();
+  document.getElementById("unit-label").textContent = "(" + D.units + " units, layer by layer)";
   input.addEventListener("input", () => {
     const u = Number(input.value);
     if (Number.isInteger(u) && u >= 0 && u < D.units) { strips[strips.length - 1] = u; paint(strips.length - 1, u); }
