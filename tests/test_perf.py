@@ -320,8 +320,8 @@ def test_preset_trains_a_few_steps_on_cpu(preset, tiny_data, tmp_path):
                          "data.batch_size=4", "data.seq_len=20", "data.eval_batch_size=2", "trainer.max_epochs=1",
                          "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
                          "++trainer.check_val_every_n_epoch=1",
-                         "~callbacks.checkpoint", "~callbacks.last_checkpoint",
-                        "+trainer.enable_checkpointing=false", *FAST, data_dir=tiny_data)
+                         "~callbacks.checkpoint", "~callbacks.last_checkpoint", "+trainer.enable_checkpointing=false",
+                         *FAST, data_dir=tiny_data)
     assert metrics["status"] == "completed" and metrics["steps"] == 3
     assert 0 < metrics["valid"]["bpc"] < 10
 

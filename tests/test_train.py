@@ -296,9 +296,7 @@ def test_a_killed_budgeted_run_resumes_with_the_budget_it_has_left(long_epoch, t
     resumed = run_train(*command, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", data_dir=long_epoch)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # the budget it had left, not a new one; the margin is for the suite's other worker (a browser, a training)
-    # loading the cores as the run ends: the 3 % criterion is the slow 150 s test's, run quiet
-    assert metrics["wall_time_s"] <= (16 - spent) * 1.25 + 1
+    assert metrics["wall_time_s"] <= (16 - spent) * 1.1 + 1  # the budget it had left, not a new one
     assert metrics["history"][-1]["step"] == metrics["steps"] > 200
     lr, end = annealed(run_dir)
     assert lr == pytest.approx(end)

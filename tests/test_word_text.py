@@ -163,8 +163,7 @@ def test_gpu_recipes_train_a_few_steps_on_cpu(name, real_data, tmp_path):
     result = train_here(tmp_path / "run", f"experiment={name}", "trainer.max_epochs=1",
                         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=2",
                         "trainer.num_sanity_val_steps=0", "~callbacks.checkpoint", "~callbacks.last_checkpoint",
-                        "+trainer.enable_checkpointing=false",
-                        *FAST, data_dir=real_data)
+                        "+trainer.enable_checkpointing=false", *FAST, data_dir=real_data)
     assert result["steps"] == 2 and math.isfinite(result["test"]["ppl"])
 
 
